@@ -1,0 +1,226 @@
+"""`python -m engine.train`: parse flags, build the trainer, run, always close.
+
+With no arguments it trains on the built-in Shakespeare corpus: the `default` preset in bf16 on
+a CUDA GPU, or the `toy` preset in fp32 on a CPU (it reaches a readable loss in minutes there).
+Every GPTConfig and TrainConfig field is a flag; `--help` lists them. Bad input is one line on
+stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + the signal number.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+import torch
+
+from engine import ops
+from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from engine.data import load_token_data, save_tokenizer, tokenizer_from_dict
+from engine.errors import UsageError
+from engine.model import PRESETS, GPTConfig, preset
+from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
+
+# Training settings that differ from TrainConfig's defaults when no flag says otherwise.
+GPU_DEFAULTS = {"preset": "default", "batch_size": 64, "max_steps": 5000}
+CPU_DEFAULTS = {"preset": "toy", "batch_size": 32, "max_steps": 2000}
+# Fields a resumed run must keep: they define what the checkpoint's tokens mean.
+FIXED_ON_RESUME = ("data", "tokenizer")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h' -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use seconds or a number with s, m or h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def _flag_type(annotation):
+    """The argparse type for a dataclass field annotation such as 'int' or 'float | None'."""
+    hint = eval(annotation, {"typing": typing}) if isinstance(annotation, str) else annotation  # noqa: S307
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(field.type)
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif field.name == "max_time":
+            group.add_argument(flag, type=parse_duration, default=None, metavar="SECONDS", help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=None, metavar=field.name.upper(), help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m engine.train",
+        description="Train a GPT-style decoder on the built-in Shakespeare corpus or your own text.",
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="model preset (default: 'default' on a GPU, 'toy' on a CPU)")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>-<time>)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                        help="continue the run in DIR (or from a checkpoint file) exactly where it stopped")
+    parser.add_argument("--list-backends", action="store_true", help="print every backend's availability and exit")
+    add_dataclass_flags(parser, GPTConfig, "model (GPTConfig)")
+    add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
+    return parser
+
+
+def explicit_fields(args: argparse.Namespace, cls) -> dict:
+    """The dataclass fields the user gave on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' requested but no CUDA GPU is available to this PyTorch")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[name]
+
+
+def configs_for_new_run(args) -> tuple[str, GPTConfig, TrainConfig, torch.device]:
+    train_flags = explicit_fields(args, TrainConfig)
+    device = resolve_device(train_flags.get("device", "auto"))
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    preset_name = args.preset or defaults["preset"]
+    train_config = TrainConfig(**{k: v for k, v in defaults.items() if k != "preset"} | train_flags)
+    model_config = preset(preset_name, **explicit_fields(args, GPTConfig))
+    return preset_name, model_config, train_config, device
+
+
+def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, torch.device]:
+    saved_model = checkpoint["model_config"]
+    for name, value in explicit_fields(args, GPTConfig).items():
+        if saved_model.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"checkpoint config mismatch: {name} is {saved_model.get(name)!r} in the checkpoint "
+                             f"but {flag} {value!r} was given")
+    if args.preset is not None:
+        for name, value in PRESETS[args.preset].items():
+            if name != "vocab_size" and saved_model.get(name) != value:
+                raise UsageError(f"checkpoint config mismatch: the checkpoint's {name} is {saved_model.get(name)!r}, "
+                                 f"preset {args.preset!r} has {value!r}")
+    train_flags = explicit_fields(args, TrainConfig)
+    saved_train = checkpoint["train_config"]
+    for name in FIXED_ON_RESUME:
+        if name in train_flags and train_flags[name] != saved_train.get(name):
+            raise UsageError(f"checkpoint config mismatch: {name} is {saved_train.get(name)!r} in the checkpoint "
+                             f"but {train_flags[name]!r} was given")
+    train_config = TrainConfig(**(saved_train | train_flags))
+    return GPTConfig.from_dict(saved_model), train_config, resolve_device(train_config.device)
+
+
+def prepare_out_dir(out_dir: Path, resuming_in_place: bool) -> None:
+    """Make sure the run folder can be written, and never overwrite another run's checkpoint."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output path {out_dir} exists and is not a folder")
+    if not resuming_in_place and (out_dir / CHECKPOINT_NAME).exists():
+        raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_backends:
+        for name, (ok, reason) in ops.available_backends().items():
+            print(f"{name:10s} {'available' if ok else 'unavailable: ' + reason}")
+        return 0
+
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = load_checkpoint(args.resume)
+        model_config, train_config, device = configs_for_resume(args, checkpoint)
+        out_dir = args.out or (args.resume if args.resume.is_dir() else args.resume.parent)
+        resuming_in_place = out_dir.resolve() == (args.resume if args.resume.is_dir() else args.resume.parent).resolve()
+        tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+        banner = f"resuming {args.resume} at step {checkpoint['step']}"
+    else:
+        preset_name, model_config, train_config, device = configs_for_new_run(args)
+        out_dir = args.out or Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        resuming_in_place = False
+        tokenizer = None
+        banner = f"preset {preset_name!r}"
+        if args.preset is None:
+            banner += (" (a CUDA GPU is present)" if device.type == "cuda" else
+                       " (no CUDA GPU: the small model that trains to a readable loss in minutes on a CPU;"
+                       " --preset default trains the 6x512 model)")
+
+    dtype = resolve_dtype(train_config.dtype, device)
+    ops.set_backend(train_config.backend)
+    data = load_token_data(train_config.data, train_config.tokenizer, tokenizer)
+    if checkpoint is None:
+        vocab_size = args.vocab_size or data.tokenizer.vocab_size
+        if vocab_size < data.tokenizer.vocab_size:
+            raise UsageError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {data.tokenizer.vocab_size}")
+        model_config = GPTConfig.from_dict(model_config.to_dict() | {"vocab_size": vocab_size})
+    data.check_fits(model_config.max_seq_len)
+    prepare_out_dir(out_dir, resuming_in_place)
+
+    trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint)
+    config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
+    (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
+
+    print(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "
+          f"{str(dtype).removeprefix('torch.')}, {train_config.max_steps} steps of "
+          f"{trainer.tokens_per_step:,} tokens, corpus {data.source} ({len(data.train):,} train / "
+          f"{len(data.val):,} val tokens, {data.tokenizer.kind} vocabulary of {data.tokenizer.vocab_size})")
+    print(f"backends: {describe_backends(device.type)}; run folder {out_dir}")
+    status = trainer.run()
+    if status == 0 and train_config.sample_tokens > 0:
+        print("sample:")
+        print(trainer.sample(train_config.sample_tokens))
+    return status
+
+
+def entry_point(argv: list[str] | None = None) -> int:
+    """main() with bad input turned into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (UsageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(entry_point())

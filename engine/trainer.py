@@ -1,0 +1,355 @@
+"""The training loop: data -> model -> loss -> backward -> optimizer, with evaluation,
+metrics, checkpoints and clean interruption.
+
+Host syncs: the loop keeps the running loss on the device and reads it (`.item()`) only every
+`log_interval` steps, so a GPU is never stalled by logging between those points.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine import ops
+from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from engine.data import TOKENIZERS, TokenData, save_tokenizer
+from engine.model import GPT, GPTConfig, option
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field is also a `python -m engine.train` flag (--batch-size, ...)."""
+
+    data: str | None = option(None, "Text file, folder of .txt/.md files, or nanoGPT folder; default: Shakespeare.")
+    tokenizer: str = option("char", "'char' (one id per character of the corpus) or 'byte' (UTF-8 bytes).")
+    batch_size: int = option(32, "Sequences per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int = option(2000, "Optimizer steps to train for.")
+    max_time: float | None = option(None, "Stop (and save) after this many seconds; accepts 90, 90s, 15m, 2h.")
+    lr: float = option(1e-3, "Peak learning rate.")
+    min_lr: float | None = option(None, "Learning rate at the end of the cosine decay; default lr / 10.")
+    warmup_steps: int = option(100, "Steps of linear warm-up from 0 to lr.")
+    lr_decay_steps: int | None = option(None, "Step at which the cosine decay reaches min_lr; default max_steps.")
+    weight_decay: float = option(0.1, "AdamW weight decay (not applied to biases, norms).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.99, "AdamW beta2.")
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this (0 disables).")
+    eval_interval: int = option(250, "Steps between validation-loss evaluations and checkpoints.")
+    eval_iters: int = option(20, "Batches per validation-loss evaluation.")
+    log_interval: int = option(10, "Steps between metrics.jsonl rows (and log lines without a terminal).")
+    seed: int = option(1337, "Seed for initialization, data sampling and dropout.")
+    backend: str = option("auto", "Kernel backend: auto, reference, torch, ... (see --list-backends).")
+    device: str = option("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: str = option("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.")
+    compile: bool = option(False, "Wrap the model in torch.compile.")
+    sample_tokens: int = option(300, "Tokens of generated text printed at the end (0: none).")
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps must be positive, got {self.lr_decay_steps}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"max_time must be positive, got {self.max_time}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to lr over warmup_steps, then cosine decay to min_lr at lr_decay_steps."""
+    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    decay_steps = config.lr_decay_steps or config.max_steps
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if step >= decay_steps:
+        return min_lr
+    progress = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
+
+
+def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and LayerNorm parameters)."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in parameters if p.dim() >= 2]
+    no_decay = [p for p in parameters if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
+    )
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks between steps; a second one kills."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signal_number, frame) -> None:
+        if self.signal_number is not None:
+            signal.signal(signal_number, signal.SIG_DFL)
+            os.kill(os.getpid(), signal_number)
+        self.signal_number = signal_number
+
+    def __enter__(self) -> "StopRequest":
+        for number in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run folder; `run()` trains and returns an exit status."""
+
+    def __init__(self, model_config: GPTConfig, config: TrainConfig, data: TokenData, out_dir: Path,
+                 device: torch.device, dtype: torch.dtype, checkpoint: dict | None = None,
+                 log=print) -> None:
+        self.model_config = model_config
+        self.config = config
+        self.data = data
+        self.out_dir = out_dir
+        self.device = device
+        self.dtype = dtype
+        self.log = log
+
+        torch.manual_seed(config.seed)
+        self.model = GPT(model_config).to(device)
+        self.optimizer = make_optimizer(self.model, config, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.data_generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        # The loss (forward, LM head and cross-entropy) is what each step runs; compile that.
+        self.loss_fn = torch.compile(self.model.loss) if config.compile else self.model.loss
+        self.tokens_per_step = config.batch_size * config.grad_accum * model_config.max_seq_len
+        self.metrics_path = out_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed,
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "tokenizer": self.data.tokenizer.to_dict(),
+            "data_source": self.data.source,
+            "rng": rng,
+        }
+
+    def _restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.step = checkpoint["step"]
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.elapsed = checkpoint.get("elapsed", 0.0)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        self.data_generator.set_state(checkpoint["rng"]["data"])
+        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
+            with contextlib.suppress(RuntimeError):  # a different GPU count: CUDA streams start fresh
+                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        self._truncate_metrics(self.step)
+
+    def save(self) -> None:
+        save_checkpoint(self.state(), self.out_dir / CHECKPOINT_NAME)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics rows logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            temporary = path.with_name(".metrics.jsonl.tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, path)
+
+    def _write_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ steps
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _batch(self, split: str, generator: torch.Generator):
+        x, y = self.data.batch(split, self.config.batch_size, self.model_config.max_seq_len, generator)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (on the device)."""
+        lr = learning_rate(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.config.grad_accum):
+            x, y = self._batch("train", self.data_generator)
+            with self.autocast():
+                loss = self.loss_fn(x, y)
+            self.scaler.scale(loss / self.config.grad_accum).backward()
+            total += loss.detach()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return total / self.config.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split, from a fixed generator (same batches each time)."""
+        self.model.eval()
+        result = {}
+        for split in ("train", "val"):
+            generator = torch.Generator().manual_seed(self.config.seed + 1)
+            losses = torch.zeros(self.config.eval_iters, device=self.device)
+            for i in range(self.config.eval_iters):
+                x, y = self._batch(split, generator)
+                with self.autocast():
+                    losses[i] = self.model.loss(x, y)
+            result[split] = losses.mean().item()
+        self.model.train()
+        return result
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        """Train until max_steps, max_time or a signal; returns the process exit status."""
+        config = self.config
+        start_step = self.step
+        if start_step >= config.max_steps:
+            self.log(f"checkpoint is at step {start_step}, max_steps is {config.max_steps}: nothing to train")
+            return 0
+        interactive = sys.stderr.isatty()
+        progress = tqdm(total=config.max_steps, initial=start_step, disable=not interactive, unit="step",
+                        dynamic_ncols=True, leave=True)
+        started = time.perf_counter()
+        window_start, window_steps = started, 0
+        running_loss = torch.zeros((), device=self.device)
+        last_saved_step = start_step
+        exit_status = 0
+        with StopRequest() as stop:
+            while self.step < config.max_steps:
+                with torch.profiler.record_function("train_step"):
+                    running_loss += self.train_step()
+                window_steps += 1
+                progress.update(1)
+                now = time.perf_counter()
+                if self.step % config.log_interval == 0 or self.step == config.max_steps:
+                    loss = (running_loss / window_steps).item()  # the one host sync per log interval
+                    tokens_per_s = window_steps * self.tokens_per_step / max(now - window_start, 1e-9)
+                    row = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, config),
+                           "tokens_per_s": tokens_per_s, "tokens": self.tokens_seen,
+                           "elapsed_s": self.elapsed + now - started}
+                    self._write_metrics(row)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    if not interactive:
+                        self.log(f"step {self.step}/{config.max_steps} | loss {loss:.4f} | lr {row['lr']:.2e} | "
+                                 f"{tokens_per_s:,.0f} tok/s")
+                    running_loss.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % config.eval_interval == 0 or self.step == config.max_steps:
+                    eval_started = time.perf_counter()
+                    losses = self.evaluate()
+                    self._write_metrics({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
+                                         "tokens": self.tokens_seen})
+                    progress.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    self.elapsed += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.save()
+                    last_saved_step = self.step
+                    window_start += time.perf_counter() - eval_started  # tokens/s counts training time only
+                out_of_time = config.max_time is not None and self.elapsed + time.perf_counter() - started >= config.max_time
+                if stop.signal_number is not None or out_of_time:
+                    break
+            self.elapsed += time.perf_counter() - started
+            if self.step != last_saved_step:
+                self.save()
+            progress.close()
+            if stop.signal_number is not None:
+                name = signal.Signals(stop.signal_number).name
+                self.log(f"{name} received: saved the checkpoint at step {self.step}; "
+                         f"continue with --resume {self.out_dir}")
+                exit_status = 128 + stop.signal_number
+            elif self.step < config.max_steps:
+                self.log(f"max_time reached at step {self.step}: checkpoint saved; continue with --resume {self.out_dir}")
+        return exit_status
+
+    def sample(self, num_tokens: int, temperature: float = 0.8, top_k: int | None = 40) -> str:
+        """Generate text from a newline (or token 0) prompt with the run's seed."""
+        tokenizer = self.data.tokenizer
+        start = tokenizer.encode("\n") if getattr(tokenizer, "kind", "") in ("char", "byte") and (
+            tokenizer.kind == "byte" or "\n" in tokenizer.chars) else [0]
+        idx = torch.tensor([start], dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self.model.eval()
+        with self.autocast():
+            out = self.model.generate(idx, num_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        return tokenizer.decode(out[0, len(start):].tolist())
+
+
+def describe_backends(device_type: str) -> str:
+    """A line naming the backend each op resolves to on the device (for the start-up banner)."""
+    parts = []
+    for op in ("attention", "ffn", "layer_norm", "linear_cross_entropy"):
+        parts.append(f"{op}={ops.resolve_name(op, device_type)}")
+    return ", ".join(parts)
