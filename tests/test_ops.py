@@ -156,7 +156,7 @@ def test_available_backends_reports_reference_and_torch():
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(ops.BackendError, match="unknown backend 'fast'; known backends: auto, reference, torch"):
+    with pytest.raises(ops.BackendError, match="unknown backend 'fast'; known backends: auto, reference, torch, triton, cuda, cpp"):
         ops.set_backend("fast")
 
 
@@ -188,7 +188,8 @@ def test_explicit_unavailable_backend_lists_what_is_available(monkeypatch):
     monkeypatch.setitem(registry._loaded, "reference", fake)
     with pytest.raises(ops.BackendError) as error:
         ops.set_backend("reference")
-    assert str(error.value) == "backend 'reference' is unavailable: no GPU in this test; available: torch"
+    message = str(error.value)
+    assert message.startswith("backend 'reference' is unavailable: no GPU in this test; available: torch")
 
 
 def test_explicit_backend_without_the_op_is_an_error_but_auto_falls_back(monkeypatch):

@@ -26,10 +26,12 @@ log = logging.getLogger("engine.ops")
 BACKEND_LOCATIONS: dict[str, str] = {
     "reference": "engine.ops.reference:BACKEND",
     "torch": "engine.ops.torch_native:BACKEND",
+    "triton": "engine.ops.triton:BACKEND",
+    "cuda": "engine.ops.extension:CUDA_BACKEND",
+    "cpp": "engine.ops.extension:CPP_BACKEND",
 }
 
-# `auto`'s preference per device type, fastest first. Names not in BACKEND_LOCATIONS are skipped,
-# so a backend added later only has to appear in both tables.
+# `auto`'s preference per device type, fastest first.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpp", "torch"),
@@ -126,7 +128,7 @@ def resolve_name(op: str, device_type: str, backend: str | None = None) -> str:
             raise BackendError(f"backend {choice!r} does not implement {op!r}; use --backend auto to fall back")
         return choice
     for name in AUTO_PREFERENCE.get(device_type, ()):
-        if name in BACKEND_LOCATIONS and _supports(name, op, device_type):
+        if _supports(name, op, device_type):
             return name
     return "reference"
 
