@@ -7,6 +7,9 @@ Block structure (pre-LayerNorm, as GPT-2):
     x = x + dropout(proj(attention(ln1(x))))
     x = ffn(ln2(x), residual=x)              # x + dropout(W2 gelu(W1 h + b1) + b2)
 then a final LayerNorm and the LM head (tied to the token embedding by default).
+
+Generation keeps a KVCache: the prompt is encoded once (prefill, causal attention), then each new
+token costs one position, its query attending to the cached keys and values of all earlier tokens.
 """
 from __future__ import annotations
 
@@ -120,6 +123,40 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias)
 
 
+class LayerKV:
+    """One layer's cached keys and values, (B, H, T_cached, D) each; empty until the first forward."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k, v (B, H, T_new, D); returns all of them (B, H, T_cached + T_new, D)."""
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, so decoding never recomputes them.
+
+    Pass one to GPT.forward: the first call (prefill) encodes the prompt causally and fills it;
+    each later call takes one token, at position len(cache), which attends to all cached keys.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers = [LayerKV() for _ in range(n_layers)]
+
+    def __len__(self) -> int:
+        """The number of cached positions."""
+        return len(self.layers[0])
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -128,14 +165,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
         B, T, C = x.shape
+        past = 0 if kv is None else len(kv)
+        if past > 0 and T != 1:
+            raise ValueError(f"a forward on a filled KV cache takes one token at a time, got {T}")
         q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, H, T, D)
+        if kv is not None:
+            k, v = kv.extend(k, v)  # (B, H, past + T, D)
         dropout_p = self.dropout if self.training else 0.0
-        y = ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, D)
+        # A decode step's single query comes after every cached key: no mask (causal=False, T_q = 1).
+        y = ops.attention(q, k, v, causal=past == 0, dropout_p=dropout_p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return F.dropout(self.proj(y), p=dropout_p, training=self.training)
 
@@ -151,8 +194,8 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)  # weight (d_ff, d_model)
         self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)  # weight (d_model, d_ff)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), kv)
         return ops.ffn(
             self.ln2(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=x,
             activation=self.activation, dropout_p=self.dropout if self.training else 0.0,
@@ -195,24 +238,30 @@ class GPT(nn.Module):
         """Trainable parameters, counting tied embeddings once."""
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> final normalized hidden states (B, T, d_model)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final normalized hidden states (B, T, d_model).
+
+        With a cache, the tokens sit at positions len(cache) .. len(cache) + T - 1 and their keys
+        and values are appended to it.
+        """
         B, T = idx.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        past = 0 if cache is None else len(cache)
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.token_embedding(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.position_embedding(torch.arange(T, device=idx.device))
+            x = x + self.position_embedding(torch.arange(past, past + T, device=idx.device))
         else:
-            x = x + self.position_table[:T].to(x.dtype)
+            x = x + self.position_table[past:past + T].to(x.dtype)
         x = F.dropout(x, p=self.config.dropout, training=self.training)
-        for block in self.blocks:
-            x = block(x)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, kv in zip(self.blocks, layer_caches):
+            x = block(x, kv)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(idx))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size); see hidden_states for the cache."""
+        return self.lm_head(self.hidden_states(idx, cache))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
         """Mean next-token cross-entropy; idx and targets (B, T). The (B*T, V) logits may never exist."""
@@ -222,15 +271,66 @@ class GPT(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); the context is cropped to max_seq_len."""
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True):
+        """Yield max_new_tokens sampled tokens, (B, 1) each, continuing idx (B, T).
+
+        The model sees the last max_seq_len tokens. With use_cache the prompt is encoded once and
+        each new token then costs one position. Once the sequence outgrows max_seq_len, the window
+        slides and every cached key would move to a new position, so from then on each step
+        re-encodes the last max_seq_len tokens: exactly what use_cache=False computes, so both
+        paths give the same tokens for the same generator.
+        """
+        window = self.config.max_seq_len
+        cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.max_seq_len:]
-            logits = self(context)[:, -1, :].float() / max(temperature, 1e-6)  # (B, V)
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            if not use_cache:
+                hidden = self.hidden_states(idx[:, -window:])
+            elif cache is not None and len(cache) < window:
+                hidden = self.hidden_states(idx[:, -1:], cache)  # one new position
+            else:
+                cache = KVCache(self.config.n_layers)
+                hidden = self.hidden_states(idx[:, -window:], cache)  # prefill
+            logits = self.lm_head(hidden[:, -1, :])  # (B, V): only the last position is needed
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
-        return idx
+            yield next_token
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens); see stream."""
+        new_tokens = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        return torch.cat([idx, *new_tokens], dim=1)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from logits (B, V) -> (B, 1).
+
+    temperature 0 is greedy (argmax, no randomness drawn). Otherwise the logits are divided by the
+    temperature, then top_k keeps the k most likely tokens and top_p the smallest set of most likely
+    tokens whose probabilities add up to at least p (nucleus sampling); one multinomial draw follows.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probabilities = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the more likely ones before it already reach top_p (the first always stays).
+        mass_before = torch.cumsum(probabilities, dim=-1) - probabilities
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
