@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import ops
+from engine.profiling import nvtx_range
 
 POS_ENCODINGS = ("sinusoidal", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -184,8 +185,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, index: int = 0) -> None:
         super().__init__()
+        # NVTX range names (engine/profiling.py; on with --nvtx): one per sublayer of this block.
+        self.attention_range = f"block{index}.attention"
+        self.ffn_range = f"block{index}.ffn"
         self.activation = config.activation
         self.dropout = config.dropout
         self.ln1 = LayerNorm(config.d_model, config.bias)
@@ -195,11 +199,13 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)  # weight (d_model, d_ff)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), kv)
-        return ops.ffn(
-            self.ln2(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=x,
-            activation=self.activation, dropout_p=self.dropout if self.training else 0.0,
-        )
+        with nvtx_range(self.attention_range):
+            x = x + self.attn(self.ln1(x), kv)
+        with nvtx_range(self.ffn_range):
+            return ops.ffn(
+                self.ln2(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=x,
+                activation=self.activation, dropout_p=self.dropout if self.training else 0.0,
+            )
 
 
 class GPT(nn.Module):
@@ -213,7 +219,7 @@ class GPT(nn.Module):
             self.register_buffer(
                 "position_table", sinusoidal_positions(config.max_seq_len, config.d_model), persistent=False
             )
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, index) for index in range(config.n_layers))
         self.ln_f = LayerNorm(config.d_model, config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
