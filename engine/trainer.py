@@ -24,6 +24,7 @@ from engine import ops
 from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.data import TOKENIZERS, TokenData, save_tokenizer
 from engine.model import GPT, GPTConfig, option
+from engine.profiling import StepProfiler, enable_nvtx, nvtx_range
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,6 +55,8 @@ class TrainConfig:
     device: str = option("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = option("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.")
     compile: bool = option(False, "Wrap the model in torch.compile.")
+    nvtx: bool = option(False, "NVTX ranges for Nsight: forward, backward, optimizer, each layer's attention and FFN.")
+    profile: bool = option(False, "Write a torch.profiler Chrome trace of steps 2 to 4 to <run folder>/trace.json.")
     sample_tokens: int = option(300, "Tokens of generated text printed at the end (0: none).")
 
     def __post_init__(self) -> None:
@@ -148,6 +151,7 @@ class Trainer:
         self.device = device
         self.dtype = dtype
         self.log = log
+        enable_nvtx(config.nvtx)
 
         torch.manual_seed(config.seed)
         self.model = GPT(model_config).to(device)
@@ -240,16 +244,18 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(self.config.grad_accum):
             x, y = self._batch("train", self.data_generator)
-            with self.autocast():
+            with nvtx_range("forward"), self.autocast():
                 loss = self.loss_fn(x, y)
-            self.scaler.scale(loss / self.config.grad_accum).backward()
+            with nvtx_range("backward"):
+                self.scaler.scale(loss / self.config.grad_accum).backward()
             total += loss.detach()
-        if self.config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        with nvtx_range("optimizer"):
+            if self.config.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return total / self.config.grad_accum
@@ -285,12 +291,15 @@ class Trainer:
         started = time.perf_counter()
         window_start, window_steps = started, 0
         running_loss = torch.zeros((), device=self.device)
+        profiler = StepProfiler(self.out_dir / "trace.json", config.profile, cuda=self.device.type == "cuda",
+                                log=progress.write)
         last_saved_step = start_step
         exit_status = 0
         with StopRequest() as stop:
             while self.step < config.max_steps:
                 with torch.profiler.record_function("train_step"):
                     running_loss += self.train_step()
+                profiler.step()
                 window_steps += 1
                 progress.update(1)
                 now = time.perf_counter()
@@ -322,6 +331,7 @@ class Trainer:
                 if stop.signal_number is not None or out_of_time:
                     break
             self.elapsed += time.perf_counter() - started
+            profiler.close()
             if self.step != last_saved_step:
                 self.save()
             progress.close()
