@@ -47,9 +47,21 @@ def availability() -> tuple[bool, str]:
 
 check_kernels_package()
 
+# Imported after the check: they import `kernels`.
+from engine.ops.triton.attention import attention  # noqa: E402
+from engine.ops.triton.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
+from engine.ops.triton.ffn import ffn  # noqa: E402
+from engine.ops.triton.layer_norm import layer_norm  # noqa: E402
+
 BACKEND = Backend(
     name="triton",
     devices=frozenset({"cuda", "cpu"} if interpreting() else {"cuda"}),
-    ops={},
+    ops={
+        "attention": attention,
+        "ffn": ffn,
+        "layer_norm": layer_norm,
+        "cross_entropy": cross_entropy,
+        "linear_cross_entropy": linear_cross_entropy,
+    },
     availability=availability,
 )

@@ -1,0 +1,223 @@
+"""Cross-entropy over a large vocabulary, and the LM head fused with it.
+
+Cross-entropy, one program per row of logits z (V values), target t:
+    lse  = log sum_j exp(z_j)          one pass over the vocabulary in blocks, online:
+                                       m' = max(m, max(block)), l' = l exp(m - m') + sum exp(block - m')
+    loss = lse - z_t                   (0 for rows whose target is ignore_index)
+    L    = sum(loss) / n_valid         mean over the non-ignored rows (NaN when every row is ignored,
+                                       as in the reference)
+Logits are read in their own dtype and converted block by block in registers: no fp32 copy of
+the (N, V) matrix exists. The forward saves lse (N,) fp32 for the backward.
+
+Gradient (second pass over the row, needs lse):
+    dL/dz_j = (softmax_j - [j == t]) * dL / n_valid,  softmax_j = exp(z_j - lse);  0 for ignored rows.
+Where it is written: `cross_entropy` (the standalone op) writes it into a new tensor in its backward,
+because the logits belong to the caller, who may still need them (or autograd may have saved them
+for the op that produced them): overwriting them is not safe. `linear_cross_entropy` computes the
+logits itself, chunk by chunk, so there the kernel overwrites each chunk's logits with their
+gradient in place, right after computing the loss.
+
+Fused linear cross-entropy: loss = cross_entropy(x @ W^T, t) for x (N, d), W (V, d), without ever
+holding the (N, V) logits. The tokens are processed in chunks of R rows:
+    Z_c  = x_c @ W^T                  (R, V) in x's dtype (torch matmul)
+    loss rows and G_c = dL/dZ_c       this file's kernel, G_c written over Z_c
+    dx_c = G_c @ W                    (torch matmul, written into dx)
+    dW  += G_c^T @ x_c                (Triton matmul accumulating in an fp32 buffer, so many chunks
+                                       do not add bf16 rounding errors)
+The gradients are computed in the forward, for an upstream gradient of 1, and scaled by the
+actual upstream gradient in the backward. The peak extra memory is one chunk of logits plus dx and
+an fp32 dW; R is chosen so that a chunk holds about 2^26 logits (R = 1024 for GPT-2's 50257 words).
+
+Targets must lie in [0, V) or equal ignore_index. Checking that would need a host sync, so it is
+not checked; a row with any other target gets a NaN loss instead of a silently wrong one.
+Supported dtypes: logits, x and W in fp32, fp16 or bf16 (x and W alike); targets int64 or int32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ffn import matmul
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK_LOGITS = 2**26
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _row_log_sum_exp(row_ptr, V, BLOCK_V: tl.constexpr):
+    """log sum_j exp(z_j) over one row, online: a running max m and sum l of exp(z - m)."""
+    m = -float("inf")
+    l = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    return m + tl.log(l)
+
+
+@triton.jit
+def _write_row_grad(row_ptr, grad_row_ptr, lse, target, scale, V, BLOCK_V: tl.constexpr):
+    """grad_j = (exp(z_j - lse) - [j == target]) * scale; grad_row_ptr may be row_ptr (in place):
+    each block is read before it is overwritten, by the same program."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad = (tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
+        tl.store(grad_row_ptr + offs, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, n_valid_ptr, V, ignore_index,
+                          WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per row: lse, loss = lse - z_t (0 if ignored, NaN if t is out of range); with WRITE_GRAD, the
+    gradient of the mean loss (upstream gradient 1) over the row's logits, in place."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lse = _row_log_sum_exp(row_ptr, V, BLOCK_V)
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    target_logit = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
+    loss = tl.where(valid, tl.where(in_range, lse - target_logit, float("nan")), 0.0)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+    if WRITE_GRAD:
+        scale = tl.where(valid, 1.0 / tl.load(n_valid_ptr).to(tl.float32), 0.0)
+        _write_row_grad(row_ptr, row_ptr, lse, target, scale, V, BLOCK_V)
+
+
+@triton.jit
+def _cross_entropy_backward_kernel(logits_ptr, stride_row, grad_ptr, targets_ptr, lse_ptr, grad_loss_ptr,
+                                   n_valid_ptr, V, ignore_index, BLOCK_V: tl.constexpr):
+    """grad (N, V) contiguous = (softmax - onehot) * dL / n_valid per row, from the saved lse."""
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(n_valid_ptr).to(tl.float32)
+    scale = tl.where(target != ignore_index, scale, 0.0)
+    _write_row_grad(logits_ptr + row * stride_row, grad_ptr + row * V, tl.load(lse_ptr + row), target, scale,
+                    V, BLOCK_V)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _block_v(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for one program per row."""
+    return min(triton.next_power_of_2(V), 16384 if _INTERPRET else 4096), 8
+
+
+def _check_targets(targets: torch.Tensor, rows: int, device: torch.device) -> None:
+    if targets.dim() != 1 or targets.shape[0] != rows:
+        raise ValueError(f"targets must have shape ({rows},), got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32) or targets.device != device:
+        raise ValueError(f"targets must be int64 or int32 on {device}; got {targets.dtype} on {targets.device}")
+
+
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if logits.dim() != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be (rows, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"logits have dtype {logits.dtype}; supported: {_DTYPES}")
+    _check_targets(targets, logits.shape[0], logits.device)
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of non-ignored rows as a 0-dim int64 tensor on the device (no host sync)."""
+    return (targets != ignore_index).sum()
+
+
+def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor,
+                          ignore_index: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of logits (N, V) against targets (N,); returns (loss (0-dim fp32), lse (N,) fp32)."""
+    logits = _check_logits(logits, targets)
+    N, V = logits.shape
+    losses = torch.empty((N,), dtype=torch.float32, device=logits.device)
+    lse = torch.empty((N,), dtype=torch.float32, device=logits.device)
+    n_valid = _count_valid(targets, ignore_index)
+    if N > 0:
+        block_v, num_warps = _block_v(V)
+        _cross_entropy_kernel[(N,)](
+            logits, logits.stride(0), targets, losses, lse, n_valid, V, ignore_index,
+            WRITE_GRAD=False, BLOCK_V=block_v, num_warps=num_warps,
+        )
+    return losses.sum() / n_valid, lse
+
+
+def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                           ignore_index: int = -1) -> torch.Tensor:
+    """Gradient of the mean loss with respect to logits (N, V), in a new tensor of logits' dtype."""
+    logits = _check_logits(logits, targets)
+    N, V = logits.shape
+    grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
+    if N > 0:
+        block_v, num_warps = _block_v(V)
+        _cross_entropy_backward_kernel[(N,)](
+            logits, logits.stride(0), grad, targets, lse, grad_loss.to(torch.float32), _count_valid(targets, ignore_index),
+            V, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+        )
+    return grad
+
+
+def default_chunk_rows(rows: int, vocab: int) -> int:
+    """Rows per chunk: the largest power of two whose chunk holds at most 2^26 logits (at least 1)."""
+    largest = max(1, _CHUNK_LOGITS // vocab)
+    return min(max(rows, 1), 1 << (largest.bit_length() - 1))
+
+
+def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 ignore_index: int = -1, grad_x: bool = True, grad_weight: bool = True,
+                                 chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross_entropy(x @ weight^T, targets) without the full (N, V) logits.
+
+    x (N, d) and weight (V, d) of one dtype; targets (N,). Returns (loss, dx, dweight): the 0-dim
+    fp32 loss and the gradients of the loss (for an upstream gradient of 1) with respect to x (N, d)
+    and weight (V, d) in their dtype; a gradient not asked for (grad_x / grad_weight False) is an
+    empty tensor and costs nothing. chunk_rows: tokens per chunk (default: default_chunk_rows).
+    """
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be (N, d) and weight (V, d); got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or x.dtype not in _DTYPES:
+        raise ValueError(f"x and weight must share a dtype among {_DTYPES}; got {x.dtype} and {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+    N, d = x.shape
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one row (vocab >= 1)")
+    _check_targets(targets, N, x.device)
+    chunk_rows = default_chunk_rows(N, V) if chunk_rows is None else chunk_rows
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    write_grad = grad_x or grad_weight
+    losses = torch.empty((N,), dtype=torch.float32, device=x.device)
+    lse = torch.empty((N,), dtype=torch.float32, device=x.device)
+    n_valid = _count_valid(targets, ignore_index)
+    dx = torch.empty((N, d) if grad_x else (0,), dtype=x.dtype, device=x.device)
+    dweight32 = torch.zeros((V, d) if grad_weight else (0,), dtype=torch.float32, device=x.device)
+    block_v, num_warps = _block_v(V)
+    # The matmuls run in x's dtype whatever autocast says: the caller chose that dtype.
+    with torch.autocast(x.device.type, enabled=False):
+        for start in range(0, N, chunk_rows):
+            end = min(start + chunk_rows, N)
+            x_chunk = x[start:end]  # (R, d)
+            logits = x_chunk @ weight.t()  # (R, V); overwritten by its gradient below
+            _cross_entropy_kernel[(end - start,)](
+                logits, logits.stride(0), targets[start:end], losses[start:end], lse[start:end], n_valid, V,
+                ignore_index, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps,
+            )
+            if grad_x:
+                torch.mm(logits, weight, out=dx[start:end])  # (R, d)
+            if grad_weight:
+                matmul(logits.t(), x_chunk, out=dweight32, accumulate=True)  # (V, d) += (V, R) @ (R, d)
+    dweight = dweight32.to(weight.dtype) if grad_weight else weight.new_empty((0,))
+    return losses.sum() / n_valid, dx, dweight
