@@ -1,0 +1,462 @@
+"""Fused scaled dot-product attention in Triton, forward and backward (FlashAttention-2 style).
+
+Algorithm: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"
+(2023), with the online softmax of Milakov & Gimelshein (2018). Notation as in the paper, per
+(batch, head), with s = the softmax scale:
+
+    S = s * Q K^T        P = softmax(S) (row-wise)        O = P V        lse_i = log sum_j exp(S_ij)
+
+Forward: one program per block of BLOCK_M query rows. It keeps the running row maximum m, the
+running denominator l and an fp32 accumulator, walks over blocks of BLOCK_N keys and rescales the
+accumulator whenever the maximum grows, so the T x T matrix S never exists. Under the causal mask
+the walk stops at the diagonal: key blocks entirely above it are never loaded. Blocks entirely
+below the diagonal skip the mask arithmetic; only the block(s) on it apply it. The program saves
+lse (fp32) for the backward. Exponentials run in base 2 (exp2 with the scale folded into
+log2(e) * s), which is what the hardware computes natively.
+
+Backward: a small kernel first computes Delta_i = rowsum(dO_i * O_i). Then two kernels recompute
+P block by block from Q, K and the saved lse (no T x T matrix is stored or materialized):
+  - one program per block of keys accumulates dK and dV over the query blocks at or below the
+    diagonal;
+  - one program per block of queries accumulates dQ over the key blocks at or left of the diagonal.
+Each gradient row is owned by exactly one program: no atomics, so results are deterministic
+(bitwise repeatable run to run).
+
+Supported inputs: q (B, H, T_q, D) and k, v (B, H, T_k, D) with the same dtype and device; any
+T_q, T_k >= 1, equal when causal (query i sees keys 0..i); T_q != T_k serves a decode step over a
+KV cache (causal=False). D in {16, 32, 64, 128}; fp32, fp16 or bf16; any softmax scale (default
+1/sqrt(D), chosen by the caller). Tensors may be non-contiguous views (such as the model's
+(B, T, H, D) -> (B, H, T, D) transpose): the kernels take every stride and copy only a tensor whose
+last dimension is not unit-stride. Matmul operands stay in the input dtype; every accumulator and
+the softmax statistics (m, l, lse, Delta) are fp32. Outputs are contiguous, in the input dtype.
+
+Caveats:
+  - No attention dropout: check_inputs raises ValueError for dropout_p > 0 (use the `torch` or
+    `reference` backend for a model trained with attention dropout).
+  - fp32 inputs use exact fp32 products ("ieee") unless torch.get_float32_matmul_precision() allows
+    TF32 ("high" or "medium"), mirroring PyTorch's own matmuls.
+  - Block sizes are autotuned on a GPU per (D, dtype, causal, power-of-two buckets of T_q and T_k),
+    so the first call at a new shape benchmarks several configurations. Under TRITON_INTERPRET=1
+    (CPU) one fixed configuration is used: the interpreter cannot autotune, and it is slow (tests).
+  - bf16 runs on a GPU only: the interpreter's bf16 tl.dot is wrong (PLATFORM.md).
+  - The torch.library registration (autograd, torch.compile support) lives in
+    engine/ops/triton/attention.py; this file holds the kernels and their launchers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2_E = tl.constexpr(1.4426950408889634)  # 1 / ln(2): exp(x) = exp2(x * LOG2_E)
+LN_2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN_2
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(blocks: list[tuple[int, int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
+    return [triton.Config({names[0]: major, names[1]: minor}, num_warps=warps, num_stages=stages)
+            for major, minor, warps, stages in blocks]
+
+
+# (rows owned by a program, rows per inner step, num_warps, num_stages). The owned block must be a
+# multiple of the step: the causal split into unmasked and diagonal steps relies on it. The GPU lists
+# cover what suits an H100 for D = 16..128 in fp16/bf16 (large owned blocks to reuse the loaded
+# tile, 4 or 8 warps, 3 to 5 pipeline stages); configurations that run out of shared memory at a
+# given D are discarded by the autotuner. The interpreter gets one configuration with big blocks:
+# its cost grows with programs x loop steps, not with tile size.
+if INTERPRETING:
+    _FORWARD_BLOCKS = [(64, 64, 4, 1)]
+    _BACKWARD_BLOCKS = [(64, 64, 4, 1)]
+else:
+    _FORWARD_BLOCKS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+                       (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
+    _BACKWARD_BLOCKS = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 32, 8, 3), (128, 64, 8, 3),
+                        (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 4)]
+_DELTA_BLOCK_M = 64
+# Autotuning is keyed on power-of-two buckets of the lengths (plus D, causal and the dtypes), so
+# generation, whose key length grows by one each step, does not re-tune at every length.
+_TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _head_offset(bh, H, stride_b, stride_h):
+    """Element offset of (batch, head) = divmod(bh, H) in a tensor with the given strides (int64)."""
+    return (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+
+
+@triton.jit
+def _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T_K, qk_scale,
+                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): fold each block's scores into (acc, m_i, l_i).
+
+    Scores are in base-2 units (qk_scale = s * log2 e). MASKED applies the bounds mask (keys >= T_K)
+    and, when IS_CAUSAL, the causal mask (key > query); unmasked steps must lie fully in bounds and
+    at or below the diagonal.
+        m_new = max(m, rowmax(S_blk))     P_blk = exp2(S_blk - m_new)     alpha = exp2(m - m_new)
+        l = alpha * l + rowsum(P_blk)     acc = alpha * acc + P_blk V_blk
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_bounds = offs_n < T_K
+        kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_in_bounds[None, :], other=0.0)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = key_in_bounds[None, :]
+            if IS_CAUSAL:
+                visible = visible & (offs_m[:, None] >= offs_n[None, :])
+            s = tl.where(visible, s, float("-inf"))
+        # Every row sees key 0 in the first block it processes, so m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(_FORWARD_BLOCKS, ("BLOCK_M", "BLOCK_N")), key=_TUNING_KEY)
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, O, LSE, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (B * H, cdiv(T_Q, BLOCK_M)). Writes O (B, H, T_Q, D) and lse (B, H, T_Q), natural log."""
+    bh = tl.program_id(0)
+    # Causal query blocks further down do more work: launch them first (reverse order) so the
+    # short ones fill the tail of the wave.
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    Q += _head_offset(bh, H, stride_qb, stride_qh)
+    K += _head_offset(bh, H, stride_kb, stride_kh)
+    V += _head_offset(bh, H, stride_vb, stride_vh)
+    O += _head_offset(bh, H, stride_ob, stride_oh)
+    LSE += bh.to(tl.int64) * T_Q
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in_bounds = offs_m < T_Q
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+    qk_scale = scale * LOG2_E  # scores in base-2 units for exp2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row maximum
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running unnormalized P V
+
+    if IS_CAUSAL:
+        # (T_Q == T_K.) Keys [0, start_m) are visible to every row of this block; [start_m,
+        # start_m + BLOCK_M) holds the diagonal; keys beyond it are never loaded.
+        acc, m_i, l_i = _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                       0, start_m, T_K, qk_scale, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                       start_m, tl.minimum(start_m + BLOCK_M, T_K), T_K, qk_scale,
+                                       True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+    else:
+        # Full key blocks need no mask; only the last, partial one (if T_K % BLOCK_N != 0) does.
+        full_end = (T_K // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                       0, full_end, T_K, qk_scale, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+        acc, m_i, l_i = _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                       full_end, T_K, T_K, qk_scale, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_in_bounds[:, None])
+    # lse = ln(sum_j exp(S_ij)) = ln(2) * (m + log2(l)) with m, l in base-2 units.
+    tl.store(LSE + offs_m, (m_i + tl.math.log2(l_i)) * LN_2, mask=row_in_bounds)
+
+
+@triton.jit
+def _attention_delta_kernel(
+    O, DO, DELTA, H, T_Q,
+    stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Delta_i = sum_d dO_id * O_id (fp32), grid (B * H, cdiv(T_Q, BLOCK_M)).
+
+    Delta_i equals sum_j P_ij dP_ij, the term the softmax backward subtracts (see the dK/dV steps):
+    sum_j P_ij (dO_i . V_j) = dO_i . (sum_j P_ij V_j) = dO_i . O_i. Computing it from O and dO
+    costs O(T D) instead of the O(T^2 D) of the definition.
+    """
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in_bounds = offs_m < T_Q
+    O += _head_offset(bh, H, stride_ob, stride_oh)
+    DO += _head_offset(bh, H, stride_dob, stride_doh)
+    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, delta, mask=row_in_bounds)
+
+
+@triton.jit
+def _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, lo, hi, T_Q,
+                         qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate this key block's dK (unscaled) and dV over query blocks [lo, hi).
+
+    Works on transposed tiles (keys along rows) so the owned K, V, dK, dV stay in place:
+        S^T  = s K Q^T                  P^T = exp(S^T - lse)       (lse broadcast along columns)
+        dV  += P^T dO
+        dP^T = V dO^T
+        dS^T = P^T * (dP^T - Delta)     (softmax backward: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik))
+        dK  += dS^T Q                   (times s, applied once by the caller)
+    Query rows >= T_Q load as zeros with lse = Delta = 0: their P^T column is 1 but dO and Q are 0,
+    so they add nothing. MASKED applies the causal mask (query >= key) on the diagonal block.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_in_bounds = offs_m < T_Q
+        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+        lse = tl.load(LSE + offs_m, mask=row_in_bounds, other=0.0) * LOG2_E  # base 2
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta = tl.load(DELTA + offs_m, mask=row_in_bounds, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_BACKWARD_BLOCKS, ("BLOCK_N", "BLOCK_M")), key=_TUNING_KEY)
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (B * H, cdiv(T_K, BLOCK_N)): each program owns BLOCK_N keys and writes their dK and dV."""
+    bh = tl.program_id(0)
+    # Causal key blocks near the start are seen by the most queries: the natural order runs them first.
+    start_n = tl.program_id(1) * BLOCK_N
+    Q += _head_offset(bh, H, stride_qb, stride_qh)
+    K += _head_offset(bh, H, stride_kb, stride_kh)
+    V += _head_offset(bh, H, stride_vb, stride_vh)
+    DO += _head_offset(bh, H, stride_dob, stride_doh)
+    DK += _head_offset(bh, H, stride_dkb, stride_dkh)
+    DV += _head_offset(bh, H, stride_dvb, stride_dvh)
+    LSE += bh.to(tl.int64) * T_Q
+    DELTA += bh.to(tl.int64) * T_Q
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_in_bounds = offs_n < T_K
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+    qk_scale = scale * LOG2_E
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # (T_Q == T_K.) Queries before start_n see none of these keys: never loaded. Queries on the
+        # diagonal block [start_n, start_n + BLOCK_N) need the mask; later queries see every key here.
+        dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
+                                      start_n, tl.minimum(start_n + BLOCK_N, T_Q), T_Q, qk_scale,
+                                      True, BLOCK_M, DOT_PRECISION)
+        dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
+                                      start_n + BLOCK_N, T_Q, T_Q, qk_scale, False, BLOCK_M, DOT_PRECISION)
+    else:
+        dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
+                                      0, T_Q, T_Q, qk_scale, False, BLOCK_M, DOT_PRECISION)
+
+    dk *= scale  # dK = s * dS^T Q
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=key_in_bounds[:, None])
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=key_in_bounds[:, None])
+
+
+@triton.jit
+def _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T_K, qk_scale,
+                       MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate this query block's dQ (unscaled) over key blocks [lo, hi).
+
+        S  = s Q K^T       P = exp(S - lse)       dP = dO V^T       dS = P * (dP - Delta)
+        dQ += dS K         (times s, applied once by the caller)
+    Key rows >= T_K load as zeros: their P entries are finite and K = 0 there, so dS K gets nothing
+    from them. MASKED applies the causal mask (key <= query) on the diagonal block.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_in_bounds = offs_n < T_K
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs(_BACKWARD_BLOCKS, ("BLOCK_M", "BLOCK_N")), key=_TUNING_KEY)
+@triton.jit
+def _attention_backward_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (B * H, cdiv(T_Q, BLOCK_M)): each program owns BLOCK_M queries and writes their dQ."""
+    bh = tl.program_id(0)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # longest causal rows first
+    Q += _head_offset(bh, H, stride_qb, stride_qh)
+    K += _head_offset(bh, H, stride_kb, stride_kh)
+    V += _head_offset(bh, H, stride_vb, stride_vh)
+    DO += _head_offset(bh, H, stride_dob, stride_doh)
+    DQ += _head_offset(bh, H, stride_dqb, stride_dqh)
+    LSE += bh.to(tl.int64) * T_Q
+    DELTA += bh.to(tl.int64) * T_Q
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in_bounds = offs_m < T_Q
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+    lse = tl.load(LSE + offs_m, mask=row_in_bounds, other=0.0) * LOG2_E  # base 2
+    delta = tl.load(DELTA + offs_m, mask=row_in_bounds, other=0.0)
+    qk_scale = scale * LOG2_E
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # (T_Q == T_K.) Keys [0, start_m) need no mask, the diagonal block does, later keys are skipped.
+        dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                0, start_m, T_K, qk_scale, False, BLOCK_N, DOT_PRECISION)
+        dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                start_m, tl.minimum(start_m + BLOCK_M, T_K), T_K, qk_scale,
+                                True, BLOCK_N, DOT_PRECISION)
+    else:
+        dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
+                                0, T_K, T_K, qk_scale, False, BLOCK_N, DOT_PRECISION)
+
+    dq *= scale  # dQ = s * dS K
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_in_bounds[:, None])
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                 dropout_p: float = 0.0) -> None:
+    """Raise ValueError for anything the kernels do not support, naming the tensor and what is valid."""
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"the triton attention kernel does not implement attention dropout (got dropout_p={dropout_p}); "
+            "train with dropout 0 or choose the 'torch' or 'reference' backend"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, T, D), got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: fp32, fp16, bf16")
+        if t.shape[2] < 1:
+            raise ValueError(f"{name} has sequence length {t.shape[2]} (dim 2); it must be >= 1")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q (B, H, T_q, D) and k, v (B, H, T_k, D) do not match: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs as many queries as keys, got T_q={q.shape[2]}, "
+                         f"T_k={k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dimension D={q.shape[3]} (last dim of q) is not supported; "
+                         f"supported: {SUPPORTED_HEAD_DIMS}")
+    if q.device.type != "cuda" and not INTERPRETING:
+        raise ValueError(f"the triton attention kernels need CUDA tensors (got {q.device}); "
+                         "set TRITON_INTERPRET=1 before importing triton to run them on the CPU")
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any (B, H, T) strides but need contiguous rows; copy only if they are not."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """'ieee' (exact fp32 products) for fp32 unless PyTorch's matmul precision allows TF32."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # the default; it only affects fp32 operands
+
+
+def _lengths(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """T_Q, T_K and their power-of-two buckets (the autotuning key)."""
+    return q.shape[2], k.shape[2], triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2])
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """O = softmax(scale * Q K^T [causal]) V and lse = log sum exp of the scaled scores, per row.
+
+    q (B, H, T_q, D), k and v (B, H, T_k, D) -> O (B, H, T_q, D) in q's dtype, lse (B, H, T_q) fp32.
+    """
+    check_inputs(q, k, v, causal)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    B, H, T_Q, D = q.shape
+    out = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+    _attention_forward_kernel[lambda meta: (B * H, triton.cdiv(T_Q, meta["BLOCK_M"]))](
+        q, k, v, out, lse, float(scale), H, *_lengths(q, k),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV (shapes of q, k, v; their dtype) from dO, the forward's inputs, its O and its lse."""
+    check_inputs(q, k, v, causal)
+    if grad_out.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dO {tuple(grad_out.shape)} and O {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    do = grad_out.to(q.dtype)  # autograd may hand over a gradient in another dtype
+    do, q, k, v, out = (_unit_last_stride(t) for t in (do, q, k, v, out))
+    lse = lse.contiguous()
+    B, H, T_Q, D = q.shape
+    precision = _dot_precision(q.dtype)
+
+    delta = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+    _attention_delta_kernel[(B * H, triton.cdiv(T_Q, _DELTA_BLOCK_M))](
+        out, do, delta, H, T_Q, *out.stride()[:3], *do.stride()[:3], HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M,
+    )
+
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    _attention_backward_dkdv_kernel[lambda meta: (B * H, triton.cdiv(k.shape[2], meta["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk, dv, float(scale), H, *_lengths(q, k),
+        *strides, *dk.stride()[:3], *dv.stride()[:3],
+        HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=precision,
+    )
+    _attention_backward_dq_kernel[lambda meta: (B * H, triton.cdiv(T_Q, meta["BLOCK_M"]))](
+        q, k, v, do, lse, delta, dq, float(scale), H, *_lengths(q, k),
+        *strides, *dq.stride()[:3],
+        HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=precision,
+    )
+    return dq, dk, dv
