@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -57,6 +58,8 @@ class TrainConfig:
     compile: bool = option(False, "Wrap the model in torch.compile.")
     nvtx: bool = option(False, "NVTX ranges for Nsight: forward, backward, optimizer, each layer's attention and FFN.")
     profile: bool = option(False, "Write a torch.profiler Chrome trace of steps 2 to 4 to <run folder>/trace.json.")
+    tensorboard: bool = option(False, "Mirror metrics.jsonl's scalars (losses, lr, tokens/s, grad norm) to "
+                                      "<run folder>/tensorboard; needs the tensorboard package.")
     sample_tokens: int = option(300, "Tokens of generated text printed at the end (0: none).")
 
     def __post_init__(self) -> None:
@@ -84,6 +87,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard logging was requested but the tensorboard package is not installed "
+                             "(pip install tensorboard)")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
 
@@ -167,6 +173,8 @@ class Trainer:
         self.loss_fn = torch.compile(self.model.loss) if config.compile else self.model.loss
         self.tokens_per_step = config.batch_size * config.grad_accum * model_config.max_seq_len
         self.metrics_path = out_dir / "metrics.jsonl"
+        self.grad_norm = torch.zeros((), device=device)  # the last step's gradient norm, before clipping
+        self.tensorboard = None  # a SummaryWriter while run() trains with config.tensorboard
 
     # ------------------------------------------------------------------ state
 
@@ -219,8 +227,13 @@ class Trainer:
             os.replace(temporary, path)
 
     def _write_metrics(self, row: dict) -> None:
+        """Append a row to metrics.jsonl (the record of the run) and mirror it to TensorBoard if enabled."""
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for name, value in row.items():
+                if name != "step":
+                    self.tensorboard.add_scalar(name, value, row["step"])
 
     # ------------------------------------------------------------------ steps
 
@@ -250,9 +263,12 @@ class Trainer:
                 self.scaler.scale(loss / self.config.grad_accum).backward()
             total += loss.detach()
         with nvtx_range("optimizer"):
+            self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling; the norm is of true gradients
             if self.config.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            else:
+                self.grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.model.parameters() if p.grad is not None])
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -291,6 +307,11 @@ class Trainer:
         started = time.perf_counter()
         window_start, window_steps = started, 0
         running_loss = torch.zeros((), device=self.device)
+        running_grad_norm = torch.zeros((), device=self.device)
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked for
+            # purge_step drops events a previous attempt logged after the checkpoint we resume from.
+            self.tensorboard = SummaryWriter(self.out_dir / "tensorboard", purge_step=start_step or None)
         profiler = StepProfiler(self.out_dir / "trace.json", config.profile, cuda=self.device.type == "cuda",
                                 log=progress.write)
         last_saved_step = start_step
@@ -299,22 +320,25 @@ class Trainer:
             while self.step < config.max_steps:
                 with torch.profiler.record_function("train_step"):
                     running_loss += self.train_step()
+                    running_grad_norm += self.grad_norm
                 profiler.step()
                 window_steps += 1
                 progress.update(1)
                 now = time.perf_counter()
                 if self.step % config.log_interval == 0 or self.step == config.max_steps:
-                    loss = (running_loss / window_steps).item()  # the one host sync per log interval
+                    # The one host sync per log interval.
+                    loss, grad_norm = (torch.stack([running_loss, running_grad_norm]) / window_steps).tolist()
                     tokens_per_s = window_steps * self.tokens_per_step / max(now - window_start, 1e-9)
                     row = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, config),
                            "tokens_per_s": tokens_per_s, "tokens": self.tokens_seen,
-                           "elapsed_s": self.elapsed + now - started}
+                           "elapsed_s": self.elapsed + now - started, "grad_norm": grad_norm}
                     self._write_metrics(row)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     if not interactive:
                         self.log(f"step {self.step}/{config.max_steps} | loss {loss:.4f} | lr {row['lr']:.2e} | "
                                  f"{tokens_per_s:,.0f} tok/s")
                     running_loss.zero_()
+                    running_grad_norm.zero_()
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
                     eval_started = time.perf_counter()
@@ -335,6 +359,9 @@ class Trainer:
             if self.step != last_saved_step:
                 self.save()
             progress.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
             if stop.signal_number is not None:
                 name = signal.Signals(stop.signal_number).name
                 self.log(f"{name} received: saved the checkpoint at step {self.step}; "
