@@ -1,6 +1,7 @@
 """Cross-entropy over a large vocabulary, and the LM head fused with it.
 
-Cross-entropy, one program per row of logits z (V values), target t:
+Cross-entropy, per row of logits z (V values) with target t (a program takes one row of a large
+vocabulary, or several rows of a small one):
     lse  = log sum_j exp(z_j)          one pass over the vocabulary in blocks, online:
                                        m' = max(m, max(block)), l' = l exp(m - m') + sum exp(block - m')
     loss = lse - z_t                   (0 for rows whose target is ignore_index)
@@ -51,68 +52,77 @@ _CHUNK_LOGITS = 2**26
 # ----------------------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def _row_log_sum_exp(row_ptr, V, BLOCK_V: tl.constexpr):
-    """log sum_j exp(z_j) over one row, online: a running max m and sum l of exp(z - m)."""
-    m = -float("inf")
-    l = 0.0
+def _rows_log_sum_exp(row_ptrs, V, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """log sum_j exp(z_j) for a block of rows, online: a running max m and sum l of exp(z - m) per row."""
+    m = tl.full((BLOCK_ROWS,), -float("inf"), tl.float32)
+    l = tl.zeros((BLOCK_ROWS,), tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        z = tl.load(row_ptrs[:, None] + offs[None, :], mask=offs[None, :] < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
     return m + tl.log(l)
 
 
 @triton.jit
-def _write_row_grad(row_ptr, grad_row_ptr, lse, target, scale, V, BLOCK_V: tl.constexpr):
-    """grad_j = (exp(z_j - lse) - [j == target]) * scale; grad_row_ptr may be row_ptr (in place):
-    each block is read before it is overwritten, by the same program."""
+def _write_rows_grad(row_ptrs, grad_row_ptrs, row_ok, lse, target, scale, V, BLOCK_V: tl.constexpr):
+    """grad_j = (exp(z_j - lse) - [j == target]) * scale per row; grad_row_ptrs may equal row_ptrs
+    (in place): each block is read before it is overwritten, by the same program."""
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        grad = (tl.exp(z - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
-        tl.store(grad_row_ptr + offs, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
+        mask = row_ok[:, None] & (offs[None, :] < V)
+        z = tl.load(row_ptrs[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        onehot = tl.where(offs[None, :] == target[:, None], 1.0, 0.0)
+        grad = (tl.exp(z - lse[:, None]) - onehot) * scale[:, None]
+        tl.store(grad_row_ptrs[:, None] + offs[None, :], grad.to(grad_row_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, n_valid_ptr, V, ignore_index,
-                          WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, n_valid_ptr, N, V, ignore_index,
+                          WRITE_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """Per row: lse, loss = lse - z_t (0 if ignored, NaN if t is out of range); with WRITE_GRAD, the
     gradient of the mean loss (upstream gradient 1) over the row's logits, in place."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    lse = _row_log_sum_exp(row_ptr, V, BLOCK_V)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < N
+    # Rows past N read row N - 1 again (so every row has finite statistics) and store nothing.
+    row_ptrs = logits_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_row
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    lse = _rows_log_sum_exp(row_ptrs, V, BLOCK_ROWS, BLOCK_V)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
-    target_logit = tl.load(row_ptr + target, mask=valid & in_range, other=0.0).to(tl.float32)
+    target_logit = tl.load(row_ptrs + target, mask=valid & in_range, other=0.0).to(tl.float32)
     loss = tl.where(valid, tl.where(in_range, lse - target_logit, float("nan")), 0.0)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
     if WRITE_GRAD:
         scale = tl.where(valid, 1.0 / tl.load(n_valid_ptr).to(tl.float32), 0.0)
-        _write_row_grad(row_ptr, row_ptr, lse, target, scale, V, BLOCK_V)
+        _write_rows_grad(row_ptrs, row_ptrs, row_ok, lse, target, scale, V, BLOCK_V)
 
 
 @triton.jit
 def _cross_entropy_backward_kernel(logits_ptr, stride_row, grad_ptr, targets_ptr, lse_ptr, grad_loss_ptr,
-                                   n_valid_ptr, V, ignore_index, BLOCK_V: tl.constexpr):
+                                   n_valid_ptr, N, V, ignore_index, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     """grad (N, V) contiguous = (softmax - onehot) * dL / n_valid per row, from the saved lse."""
-    row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < N
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.load(n_valid_ptr).to(tl.float32)
     scale = tl.where(target != ignore_index, scale, 0.0)
-    _write_row_grad(logits_ptr + row * stride_row, grad_ptr + row * V, tl.load(lse_ptr + row), target, scale,
-                    V, BLOCK_V)
+    rows64 = rows.to(tl.int64)
+    _write_rows_grad(logits_ptr + rows64 * stride_row, grad_ptr + rows64 * V, row_ok, lse, target, scale, V, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _block_v(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for one program per row."""
-    return min(triton.next_power_of_2(V), 16384 if _INTERPRET else 4096), 8
+def _blocks(V: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_V, num_warps): blocks of about 4K logits on a GPU (one row of a large
+    vocabulary per program, many rows of a small one); 16K in the interpreter, whose cost is per program."""
+    budget = 16384 if _INTERPRET else 4096
+    block_v = min(triton.next_power_of_2(V), budget)
+    block_rows = max(1, budget // block_v)
+    return block_rows, block_v, 8 if block_rows * block_v >= 4096 else 4
 
 
 def _check_targets(targets: torch.Tensor, rows: int, device: torch.device) -> None:
@@ -145,10 +155,10 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor,
     lse = torch.empty((N,), dtype=torch.float32, device=logits.device)
     n_valid = _count_valid(targets, ignore_index)
     if N > 0:
-        block_v, num_warps = _block_v(V)
-        _cross_entropy_kernel[(N,)](
-            logits, logits.stride(0), targets, losses, lse, n_valid, V, ignore_index,
-            WRITE_GRAD=False, BLOCK_V=block_v, num_warps=num_warps,
+        block_rows, block_v, num_warps = _blocks(V)
+        _cross_entropy_kernel[(triton.cdiv(N, block_rows),)](
+            logits, logits.stride(0), targets, losses, lse, n_valid, N, V, ignore_index,
+            WRITE_GRAD=False, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
         )
     return losses.sum() / n_valid, lse
 
@@ -160,10 +170,10 @@ def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N > 0:
-        block_v, num_warps = _block_v(V)
-        _cross_entropy_backward_kernel[(N,)](
+        block_rows, block_v, num_warps = _blocks(V)
+        _cross_entropy_backward_kernel[(triton.cdiv(N, block_rows),)](
             logits, logits.stride(0), grad, targets, lse, grad_loss.to(torch.float32), _count_valid(targets, ignore_index),
-            V, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+            N, V, ignore_index, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
         )
     return grad
 
@@ -204,16 +214,16 @@ def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets:
     n_valid = _count_valid(targets, ignore_index)
     dx = torch.empty((N, d) if grad_x else (0,), dtype=x.dtype, device=x.device)
     dweight32 = torch.zeros((V, d) if grad_weight else (0,), dtype=torch.float32, device=x.device)
-    block_v, num_warps = _block_v(V)
+    block_rows, block_v, num_warps = _blocks(V)
     # The matmuls run in x's dtype whatever autocast says: the caller chose that dtype.
     with torch.autocast(x.device.type, enabled=False):
         for start in range(0, N, chunk_rows):
             end = min(start + chunk_rows, N)
             x_chunk = x[start:end]  # (R, d)
             logits = x_chunk @ weight.t()  # (R, V); overwritten by its gradient below
-            _cross_entropy_kernel[(end - start,)](
-                logits, logits.stride(0), targets[start:end], losses[start:end], lse[start:end], n_valid, V,
-                ignore_index, WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps,
+            _cross_entropy_kernel[(triton.cdiv(end - start, block_rows),)](
+                logits, logits.stride(0), targets[start:end], losses[start:end], lse[start:end], n_valid, end - start,
+                V, ignore_index, WRITE_GRAD=write_grad, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
             )
             if grad_x:
                 torch.mm(logits, weight, out=dx[start:end])  # (R, d)

@@ -65,7 +65,7 @@ def _matmul_configs() -> list[triton.Config]:
     """Tile shapes to autotune over: (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)."""
     if _INTERPRET:
         # Interpreter cost grows with programs x loop steps, not with block size: big blocks.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     shapes = [
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
@@ -252,10 +252,11 @@ _INT32_LIMIT = 2**31
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: IEEE fp32 unless PyTorch's own fp32 matmul setting allows TF32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """tl.dot's input precision: for fp32 operands IEEE unless PyTorch's own fp32 matmul setting
+    allows TF32; 16-bit operands always take the tensor-core path ("tf32" is the default that leaves it be)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 def _grid(M: int, N: int):
