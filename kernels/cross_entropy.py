@@ -23,8 +23,8 @@ holding the (N, V) logits. The tokens are processed in chunks of R rows:
     Z_c  = x_c @ W^T                  (R, V) in x's dtype (torch matmul)
     loss rows and G_c = dL/dZ_c       this file's kernel, G_c written over Z_c
     dx_c = G_c @ W                    (torch matmul, written into dx)
-    dW  += G_c^T @ x_c                (Triton matmul accumulating in an fp32 buffer, so many chunks
-                                       do not add bf16 rounding errors)
+    dW  += G_c^T @ x_c                (kernels/ffn.py's Triton matmul, accumulating in an fp32 buffer
+                                       so that many chunks do not add up bf16 rounding errors)
 The gradients are computed in the forward, for an upstream gradient of 1, and scaled by the
 actual upstream gradient in the backward. The peak extra memory is one chunk of logits plus dx and
 an fp32 dW; R is chosen so that a chunk holds about 2^26 logits (R = 1024 for GPT-2's 50257 words).
