@@ -1,0 +1,13 @@
+"""Benchmarks: one harness for every op and backend, end-to-end training throughput, results.
+
+    python -m bench.attention      forward / backward / both, per backend, T from 256 to 8192
+    python -m bench.ffn            the FFN block (two matmuls, GELU, residual), and torch.compile
+    python -m bench.layernorm      LayerNorm bandwidth
+    python -m bench.cross_entropy  cross-entropy bandwidth and the fused LM head + loss (peak memory)
+    python -m bench.train          training tokens/s, MFU, step time and peak memory per backend
+    python -m bench.report DIR     tables (markdown), plots (PNG) and a compact summary of a results folder
+    bash bench/gpu_check.sh [DIR]  all of the above, short, on a GPU machine (under 8 minutes)
+
+bench.harness holds the timing method and the row format; each op module states its FLOP and
+byte counts beside its input builder.
+"""

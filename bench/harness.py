@@ -1,0 +1,470 @@
+"""The benchmark harness: times an op's forward, backward and forward+backward on every backend.
+
+Each op module (bench/attention.py, ...) describes its op with an `OpBench`: how to build inputs
+for a shape, and the FLOP and byte counts of each pass (the formulas live there, beside the
+inputs they count). This module runs any such description on any backend that engine.ops
+reports available, through the public functional API (`engine.ops.<op>(..., backend=name)`), so
+a new backend is benchmarked as soon as the registry knows it. One extra competitor, `compile`,
+is torch.compile of the op's `reference` implementation (plain PyTorch, fused by Inductor).
+
+Method
+- GPU: CUDA events around every call. Warm-up until at least 2 calls and 25 ms have run (the
+  first call pays for compilation and autotuning), then enough repeats for about 100 ms of work
+  (at least 10, at most 1000) unless `--repeats` fixes the count; the median is reported.
+  Inputs rotate over several copies that together exceed twice the L2 cache, so no call finds
+  its inputs left in cache by the previous one.
+- CPU: one warm-up call, then the median of `repeats` calls (default 5) timed with perf_counter.
+  Inputs are not rotated.
+- `fwd` runs with autograd on, as in training (the op saves what its backward needs).
+  `bwd` replays each input copy's saved graph (retain_graph) with one fixed random output
+  gradient; `fwd+bwd` runs both. Gradients are reset to None outside the timed region.
+- Peak memory (GPU only): torch.cuda.max_memory_allocated during one call, minus what was
+  allocated just before it (the inputs; for `bwd` also the saved graph): the pass's working
+  memory. On the CPU it is left empty (None): no per-call high-water mark exists there.
+- Throughput: TFLOP/s = the op's FLOP count for the pass / median time; GB/s = the minimum bytes
+  the pass must move (read inputs once, write outputs once) / median time, given for the
+  memory-bound ops. `speedup` = baseline ms / this backend's ms, measured in the same run.
+
+With `--nvtx`, every timed call sits in an NVTX range named `<op>.<backend>.<pass>`
+(e.g. `attention.triton.fwd`) for Nsight Compute's `--nvtx-include "attention.triton.fwd/"`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine import ops
+from engine.ops import reference
+from engine.profiling import enable_nvtx, nvtx_range
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+COMPILE = "compile"  # the torch.compile(reference) competitor
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+MAX_INPUT_SETS = 8          # copies of the inputs rotated on a GPU
+WARMUP_MS = 25.0            # GPU warm-up: at least this long ...
+MIN_WARMUP_CALLS = 2        # ... and at least this many calls
+TARGET_MS = 100.0           # GPU: repeats chosen to fill about this much time
+MIN_REPEATS, MAX_REPEATS = 10, 1000
+CPU_REPEATS = 5
+
+
+@dataclass
+class Inputs:
+    """Positional and keyword arguments of one op call; tensors needing gradients are the leaves."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [a for a in self.args if isinstance(a, torch.Tensor)]
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [t for t in self.tensors() if t.requires_grad]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def clear_grads(self) -> None:
+        for t in self.leaves():
+            t.grad = None
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """How to benchmark one engine.ops function.
+
+    name:        the engine.ops function (and the reference implementation compiled for `compile`).
+    make_inputs: (shape, dtype, device) -> Inputs; shape is a dict such as {"B": 4, "T": 1024, ...}.
+    flop:        shape -> {pass: floating-point operations}, or None where FLOPs are not the limit.
+    bytes:       (shape, dtype) -> {pass: minimum bytes moved}, or None where bandwidth is not the limit.
+    x_axis:      the shape key the plot puts on its x axis.
+    series_keys: shape keys that tell the plot's lines apart besides the backend (e.g. ("D",)).
+    metric:      what the plot shows: "tflops" or "gbps".
+    """
+
+    name: str
+    make_inputs: Callable[[dict, torch.dtype, torch.device], Inputs]
+    flop: Callable[[dict], dict[str, float]] | None = None
+    bytes: Callable[[dict, torch.dtype], dict[str, float]] | None = None
+    x_axis: str = "T"
+    series_keys: tuple[str, ...] = ()
+    metric: str = "tflops"
+
+    def implementation(self, backend: str) -> Callable:
+        """The callable timed for `backend`: engine.ops.<name>(..., backend=...) or compiled reference."""
+        if backend == COMPILE:
+            torch._dynamo.reset()  # a fresh compile per shape: never the silent eager fallback after recompiles
+            return torch.compile(getattr(reference, self.name), dynamic=False)
+        return functools.partial(getattr(ops, self.name), backend=backend)
+
+
+# ----------------------------------------------------------------------------- environment
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """The checkout's commit (with +dirty for uncommitted changes), BENCH_COMMIT if set, else 'unknown'."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What every row records about where it was measured."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def default_out_dir(device: torch.device) -> Path:
+    """GPU: bench/results/<date>-<device>/ (results worth committing); CPU: bench/results/tmp-cpu/ (ignored)."""
+    if device.type == "cuda":
+        return RESULTS_DIR / f"{time.strftime('%Y%m%d')}-{slug(torch.cuda.get_device_name(device))}"
+    return RESULTS_DIR / "tmp-cpu"
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(work: Callable[[int], None], prepare: Callable[[int], None], n_sets: int,
+               device: torch.device, repeats: int | None = None) -> tuple[float, int]:
+    """Median milliseconds of work(i) over repeats, i rotating over n_sets; returns (ms, repeats)."""
+    if device.type != "cuda":
+        prepare(0)
+        work(0)  # warm-up
+        times = []
+        for r in range(repeats or CPU_REPEATS):
+            i = r % n_sets
+            prepare(i)
+            started = time.perf_counter()
+            work(i)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times), len(times)
+
+    calls, last_ms = 0, 0.0
+    _sync(device)
+    warmup_started = time.perf_counter()
+    while calls < MIN_WARMUP_CALLS or (time.perf_counter() - warmup_started) * 1e3 < WARMUP_MS:
+        i = calls % n_sets
+        prepare(i)
+        started = time.perf_counter()
+        work(i)
+        _sync(device)
+        last_ms = (time.perf_counter() - started) * 1e3  # the latest call estimates one call's cost
+        calls += 1
+    if repeats is None:
+        repeats = min(MAX_REPEATS, max(MIN_REPEATS, math.ceil(TARGET_MS / max(last_ms, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for r in range(repeats):
+        i = r % n_sets
+        prepare(i)
+        starts[r].record()
+        work(i)
+        ends[r].record()
+    _sync(device)
+    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends)), repeats
+
+
+def peak_memory_mb(work: Callable[[int], None], prepare: Callable[[int], None], device: torch.device) -> float | None:
+    """Working memory of one call in MiB (GPU); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    prepare(0)
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    work(0)
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def rotation_count(inputs: Inputs, device: torch.device) -> int:
+    """How many input copies to rotate so that together they exceed twice the L2 cache (GPU only)."""
+    if device.type != "cuda":
+        return 1
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * l2_bytes / max(inputs.nbytes(), 1))))
+
+
+def _output_gradient(output: torch.Tensor) -> torch.Tensor:
+    if not output.requires_grad:
+        raise RuntimeError("the output does not require grad: this implementation has no backward")
+    return torch.ones_like(output) if output.dim() == 0 else torch.randn_like(output)
+
+
+def measure_pass(implementation: Callable, input_sets: list[Inputs], pass_name: str, device: torch.device,
+                 repeats: int | None, range_name: str) -> tuple[float, int, float | None]:
+    """(median ms, repeats, peak MiB) of one pass of `implementation` over the rotated input sets."""
+
+    def call(i: int) -> torch.Tensor:
+        return implementation(*input_sets[i].args, **input_sets[i].kwargs)
+
+    def clear(i: int) -> None:
+        input_sets[i].clear_grads()
+
+    if pass_name == "fwd":
+        def work(i: int) -> None:
+            with nvtx_range(range_name):
+                call(i)
+    elif pass_name == "bwd":
+        outputs = [call(i) for i in range(len(input_sets))]
+        gradient = _output_gradient(outputs[0])
+
+        def work(i: int) -> None:
+            with nvtx_range(range_name):
+                outputs[i].backward(gradient, retain_graph=True)
+    elif pass_name == "fwd+bwd":
+        gradient = _output_gradient(call(0))
+
+        def work(i: int) -> None:
+            with nvtx_range(range_name):
+                call(i).backward(gradient)
+    else:
+        raise ValueError(f"unknown pass {pass_name!r}; expected one of {PASSES}")
+    milliseconds, repeats_done = time_calls(work, clear, len(input_sets), device, repeats)
+    return milliseconds, repeats_done, peak_memory_mb(work, clear, device)
+
+
+# ----------------------------------------------------------------------------- running
+
+def shape_label(shape: dict) -> str:
+    parts = []
+    for key, value in shape.items():
+        if isinstance(value, bool):
+            parts.append(key if value else f"non-{key}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def select_backends(op: str, device_type: str, requested: list[str] | None,
+                    with_compile: bool) -> tuple[list[str], dict[str, str]]:
+    """(backends to run, {skipped backend: why}). None requested: every available one implementing op."""
+    names = list(dict.fromkeys(requested)) if requested is not None else list(ops.available_backends())
+    chosen, skipped = [], {}
+    for name in names:
+        if name == COMPILE:
+            chosen.append(name)
+            continue
+        try:
+            ops.resolve_name(op, device_type, name)
+        except ValueError as exc:  # BackendError: unknown, unavailable, wrong device or op missing
+            skipped[name] = str(exc)
+            continue
+        chosen.append(name)
+    if requested is None and with_compile:
+        chosen.append(COMPILE)
+    return chosen, skipped
+
+
+def _error_status(exc: BaseException) -> str:
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError):
+        return "oom"
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"error: {type(exc).__name__}: {first_line[:200]}"
+
+
+def run(spec: OpBench, shapes: list[dict], *, dtype: torch.dtype, device: torch.device, backends: list[str],
+        passes: tuple[str, ...] = PASSES, baseline: str = "torch", repeats: int | None = None,
+        sink: Callable[[dict], None] | None = None, env: dict | None = None) -> list[dict]:
+    """Measure every (shape, backend, pass); returns the rows (and hands each to `sink` as it is made)."""
+    env = env or environment(device)
+    ordered = sorted(backends, key=lambda name: name != baseline)  # the baseline first: ratios need it
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        first = spec.make_inputs(shape, dtype, device)
+        input_sets = [first] + [spec.make_inputs(shape, dtype, device) for _ in range(rotation_count(first, device) - 1)]
+        flop = spec.flop(shape) if spec.flop else {}
+        nbytes = spec.bytes(shape, dtype) if spec.bytes else {}
+        baseline_ms: dict[str, float] = {}
+        for backend in ordered:
+            implementation = spec.implementation(backend)
+            for pass_name in passes:
+                row = {
+                    "op": spec.name, "backend": backend, "label": shape_label(shape), "shape": shape,
+                    "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "pass": pass_name, "status": "ok",
+                    "ms": None, "tflops": None, "gbps": None, "peak_mem_mb": None,
+                    "speedup": None, "baseline": baseline,
+                    "flop": flop.get(pass_name), "bytes": nbytes.get(pass_name), "repeats": None,
+                    "input_sets": len(input_sets), "x_axis": spec.x_axis,
+                    "series": shape_label({k: shape[k] for k in spec.series_keys if k in shape}),
+                    "metric": spec.metric, **env,
+                }
+                try:
+                    ms, repeats_done, peak = measure_pass(
+                        implementation, input_sets, pass_name, device, repeats, f"{spec.name}.{backend}.{pass_name}"
+                    )
+                except Exception as exc:  # noqa: BLE001 - one failing backend must not end the sweep; the row says why
+                    row["status"] = _error_status(exc)
+                    print(f"  {backend} {pass_name} {row['label']}: {row['status']}", file=sys.stderr)
+                else:
+                    row.update(ms=ms, repeats=repeats_done, peak_mem_mb=peak)
+                    if row["flop"]:
+                        row["tflops"] = row["flop"] / (ms * 1e-3) / 1e12
+                    if row["bytes"]:
+                        row["gbps"] = row["bytes"] / (ms * 1e-3) / 1e9
+                    if backend == baseline:
+                        baseline_ms[pass_name] = ms
+                    if pass_name in baseline_ms:
+                        row["speedup"] = baseline_ms[pass_name] / ms
+                finally:
+                    for inputs in input_sets:
+                        inputs.clear_grads()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                if sink is not None:
+                    sink(row)
+                rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_list(text: str, kind=str) -> list:
+    """'a,b c' -> [kind(a), kind(b), kind(c)]."""
+    return [kind(item) for item in re.split(r"[,\s]+", text.strip()) if item]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but this PyTorch sees no CUDA GPU")
+    return device
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit("error: --threads must be at least 1")
+    torch.set_num_threads(threads)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The flags every op benchmark shares; op modules add their shape flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--backends", type=lambda s: parse_list(s), default=None,
+                        help="comma-separated backends (and 'compile': torch.compile of the reference op); "
+                             "default: every available backend that implements the op")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the 'compile' competitor to the default backends (default: on a GPU for the ops "
+                             "whose module says so)")
+    parser.add_argument("--baseline", default="torch", help="backend the speedup column divides by (default: torch)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--passes", type=lambda s: tuple(parse_list(s)), default=PASSES,
+                        help="comma-separated subset of fwd,bwd,fwd+bwd (default: all)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed calls per measurement (default: about {TARGET_MS:.0f} ms of calls on a GPU, "
+                             f"{CPU_REPEATS} on a CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a busy machine")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results/<date>-<device>/ on a GPU, "
+                             "bench/results/tmp-cpu/ on a CPU)")
+    parser.add_argument("--nvtx", action="store_true", help="NVTX range <op>.<backend>.<pass> around each timed call")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return parser
+
+
+def run_cli(specs: list[OpBench], shapes_for: Callable[[OpBench, torch.device], list[dict]],
+            args: argparse.Namespace, *, compile_by_default: bool) -> int:
+    """Run each spec over its shapes with the common flags, write rows, print tables; exit status."""
+    from bench import report
+
+    for name in args.passes:
+        if name not in PASSES:
+            raise SystemExit(f"error: unknown pass {name!r}; choose from {', '.join(PASSES)}")
+    device = resolve_device(args.device)
+    set_threads(args.threads)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit("error: --repeats must be at least 1")
+    if args.nvtx:
+        enable_nvtx(True)
+    out_dir = args.out or default_out_dir(device)
+    env = environment(device)
+    print(f"device {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']} | "
+          f"{DTYPE_NAMES[dtype]} | results in {out_dir}")
+    if device.type == "cpu":
+        print("note: CPU timings on a shared machine are noisy; peak memory is not measured on the CPU")
+    any_ok = False
+    for spec in specs:
+        with_compile = args.compile if args.compile is not None else compile_by_default and device.type == "cuda"
+        backends, skipped = select_backends(spec.name, device.type, args.backends, with_compile)
+        for name, reason in skipped.items():
+            print(f"{spec.name}: skipping backend {name}: {reason}")
+        if args.baseline not in backends:
+            print(f"{spec.name}: baseline {args.baseline!r} is not among {backends}: no speedup column")
+        writer = report.RowWriter(out_dir / f"{spec.name}.jsonl")
+        rows = run(spec, shapes_for(spec, device), dtype=dtype, device=device, backends=backends,
+                   passes=args.passes, baseline=args.baseline, repeats=args.repeats, sink=writer, env=env)
+        any_ok = any_ok or any(row["status"] == "ok" for row in rows)
+        print()
+        print(f"## {spec.name} ({env['device']}, {DTYPE_NAMES[dtype]})")
+        print(report.markdown_table(rows))
+        print()
+        written = report.render_op(out_dir, spec.name, plot=not args.no_plot)
+        print("wrote " + ", ".join(str(path) for path in written))
+    return 0 if any_ok else 1

@@ -1,0 +1,279 @@
+"""python -m bench.train: training throughput per backend: tokens/s, MFU, step time, peak memory.
+
+For each (preset, backend) this builds engine.trainer.Trainer on random tokens (no corpus needed)
+and times its real `train_step` (batch sampling, forward, loss, backward, gradient clipping,
+AdamW): `warmup` untimed steps (compilation, autotuning, allocator growth), then `steps` timed
+ones between two synchronizations, with no synchronization in between, as in training.
+
+Backends: every available backend that runs on the device, `auto` (per op the fastest available
+backend, reference for ops none implements), and `compile` = the torch backend with the model's
+loss wrapped in torch.compile (the trainer's --compile). A backend that lacks an op the model
+needs fails with the registry's error, and the row says so. The baseline (default torch) runs first.
+
+MFU, the convention of PaLM (Chowdhery et al. 2022, appendix B), as nanoGPT's estimate_mfu:
+    FLOP per token = 6 * N + 12 * L * T * d
+    N: parameters without the position embedding (a lookup, not a matmul); the tied token
+       embedding counts once, as the LM head. 6 = 2 (forward) + 4 (backward) per weight.
+    12 * L * T * d: attention's Q K^T and P V, forward and backward, over the full T x T
+       (not halved for the causal mask, as the convention has it).
+    MFU = achieved FLOP/s / the GPU's dense bf16/fp16 tensor-core peak (PEAK_TFLOPS, by name);
+    none for fp32 or an unknown device. "MFU vs matmul" divides by the FLOP/s of a large matmul
+    measured here in the same dtype (the attainable peak); it is given on CPUs too.
+Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights, gradients, AdamW
+state, activations); not measured on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import harness, report
+from engine import ops
+from engine.data import TokenData
+from engine.model import PRESETS, GPT, preset
+from engine.ops.backend import OP_NAMES
+from engine.trainer import TrainConfig, Trainer, describe_backends
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets; the
+# first name contained in torch.cuda.get_device_name() wins, so specific names come first.
+PEAK_TFLOPS = (
+    ("H200 NVL", 835.5),
+    ("H200", 989.5),
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.5),
+    ("H100", 989.5),
+    ("A100", 312.0),
+)
+GPU_PRESETS, CPU_PRESETS = ("toy", "default", "gpt2"), ("toy", "default")
+# Batch sizes per preset: 8192 tokens per step on a GPU; a few hundred on a CPU.
+GPU_BATCH = {"toy": 64, "default": 32, "gpt2": 8}
+CPU_BATCH = {"toy": 8, "default": 1, "gpt2": 1}
+GPU_STEPS, GPU_WARMUP = 10, 3
+CPU_STEPS, CPU_WARMUP = 2, 1
+AUTO, COMPILE = "auto", harness.COMPILE
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (median of several), in TFLOP/s."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(13 if device.type == "cuda" else 4):
+        harness._sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        harness._sync(device)
+        if i >= (3 if device.type == "cuda" else 1):  # warm-up calls are not counted
+            times.append(time.perf_counter() - started)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def flop_per_token(model: GPT, seq_len: int) -> float:
+    config = model.config
+    parameters = model.num_parameters()
+    if config.pos_encoding == "learned":
+        parameters -= model.position_embedding.weight.numel()
+    return 6.0 * parameters + 12.0 * config.n_layers * seq_len * config.d_model
+
+
+def random_token_data(vocab_size: int, seq_len: int, batch_size: int, seed: int = 0) -> TokenData:
+    """Uniform random tokens, enough for distinct windows; the throughput does not depend on the text."""
+    count = max(64 * (seq_len + 1), 4 * batch_size * (seq_len + 1))
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, size=count).astype(np.int32)
+    split = count * 9 // 10
+    return TokenData(train=tokens[:split], val=tokens[split:], tokenizer=None, source="random tokens")
+
+
+def train_backends(device: torch.device, requested: list[str] | None, with_compile: bool,
+                   baseline: str) -> tuple[list[str], dict[str, str]]:
+    """Backends that run on the device (any op resolves there), auto and compile; and skipped ones with why."""
+    if requested is not None:
+        names = list(dict.fromkeys(requested))
+    else:
+        names = [*ops.available_backends(), AUTO] + ([COMPILE] if with_compile else [])
+    chosen, skipped = [], {}
+    for name in names:
+        if name in (AUTO, COMPILE):
+            chosen.append(name)
+            continue
+        reasons = []
+        for op in OP_NAMES:
+            try:
+                ops.resolve_name(op, device.type, name)
+                break
+            except ValueError as exc:
+                reasons.append(str(exc))
+        else:
+            skipped[name] = reasons[0]
+            continue
+        chosen.append(name)
+    return sorted(chosen, key=lambda name: name != baseline), skipped
+
+
+def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torch.dtype, batch_size: int,
+            seq_len: int | None, steps: int, warmup: int, nvtx: bool, env: dict, peaks: dict) -> dict:
+    """One row: build the trainer for (preset, backend), run warm-up and timed steps."""
+    model_config = preset(preset_name)
+    if seq_len is not None:
+        model_config = preset(preset_name, max_seq_len=seq_len)
+    seq_len = model_config.max_seq_len
+    row = {
+        "op": "train", "backend": backend, "label": f"{preset_name} B={batch_size} T={seq_len}",
+        "shape": {"preset": preset_name, "batch_size": batch_size, "seq_len": seq_len},
+        "dtype": harness.DTYPE_NAMES[dtype], "pass": "step", "status": "ok", "ms": None, "tokens_per_s": None,
+        "tflops": None, "mfu": None, "mfu_vs_matmul": None, "matmul_tflops": peaks["matmul"],
+        "peak_tflops": peaks["table"], "peak_mem_mb": None, "speedup": None, "baseline": None,
+        "warmup_s": None, "steps": steps, "ops": None, "loss": None, **env,
+    }
+    ops.set_backend("torch" if backend == COMPILE else backend)
+    config = TrainConfig(batch_size=batch_size, max_steps=warmup + steps, device=str(device),
+                         dtype=harness.DTYPE_NAMES[dtype], backend="torch" if backend == COMPILE else backend,
+                         compile=backend == COMPILE, nvtx=nvtx, sample_tokens=0)
+    trainer = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
+            data = random_token_data(model_config.vocab_size, seq_len, batch_size)
+            trainer = Trainer(model_config, config, data, Path(run_dir), device, dtype, log=lambda message: None)
+            row["shape"]["params"] = trainer.model.num_parameters()
+            row["ops"] = describe_backends(device.type)
+            started = time.perf_counter()
+            for _ in range(warmup):
+                trainer.train_step()
+            harness._sync(device)
+            row["warmup_s"] = time.perf_counter() - started
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            loss = torch.zeros((), device=device)
+            for _ in range(steps):
+                loss = trainer.train_step()
+            harness._sync(device)
+            elapsed = time.perf_counter() - started
+            row["loss"] = loss.item()
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"non-finite loss {row['loss']}")
+            step_s = elapsed / steps
+            achieved = flop_per_token(trainer.model, seq_len) * trainer.tokens_per_step / step_s
+            row.update(ms=step_s * 1e3, tokens_per_s=trainer.tokens_per_step / step_s, tflops=achieved / 1e12,
+                       flop_per_token=flop_per_token(trainer.model, seq_len))
+            if peaks["table"]:
+                row["mfu"] = achieved / (peaks["table"] * 1e12)
+            row["mfu_vs_matmul"] = achieved / (peaks["matmul"] * 1e12)
+            if device.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    except Exception as exc:  # noqa: BLE001 - one failing backend must not end the comparison; the row says why
+        row["status"] = harness._error_status(exc)
+        print(f"  {row['label']} {backend}: {row['status']}", file=sys.stderr)
+    finally:
+        del trainer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if backend == COMPILE:
+            torch._dynamo.reset()
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", type=lambda s: harness.parse_list(s), default=None,
+                        help=f"comma-separated presets (default: {','.join(GPU_PRESETS)} on a GPU, "
+                             f"{','.join(CPU_PRESETS)} on a CPU)")
+    parser.add_argument("--backends", type=lambda s: harness.parse_list(s), default=None,
+                        help="comma-separated backends, 'auto' and 'compile' (default: all that run here, auto, "
+                             "and compile on a GPU)")
+    parser.add_argument("--baseline", default="torch", help="backend the speedup column divides by (default: torch)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="include 'compile' (torch.compile of the torch backend; default: on a GPU only, "
+                             "the first compile takes minutes on a small CPU)")
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default: {GPU_STEPS} GPU, {CPU_STEPS} CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed steps first (default: {GPU_WARMUP} GPU, {CPU_WARMUP} CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"sequences per step for every preset (default: per preset, GPU {GPU_BATCH}, CPU {CPU_BATCH})")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's max_seq_len)")
+    parser.add_argument("--dtype", choices=list(harness.DTYPES), default=None,
+                        help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a busy machine")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default as in the op benchmarks)")
+    parser.add_argument("--nvtx", action="store_true", help="NVTX ranges in the model and the step (for Nsight)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = harness.resolve_device(args.device)
+    harness.set_threads(args.threads)
+    gpu = device.type == "cuda"
+    dtype = harness.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    presets = args.presets or list(GPU_PRESETS if gpu else CPU_PRESETS)
+    for name in presets:
+        if name not in PRESETS:
+            raise SystemExit(f"error: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    steps = args.steps or (GPU_STEPS if gpu else CPU_STEPS)
+    warmup = args.warmup if args.warmup is not None else (GPU_WARMUP if gpu else CPU_WARMUP)
+    if steps < 1 or warmup < 0:
+        raise SystemExit("error: --steps must be at least 1 and --warmup at least 0")
+    with_compile = args.compile if args.compile is not None else gpu
+    backends, skipped = train_backends(device, args.backends, with_compile, args.baseline)
+    out_dir = args.out or harness.default_out_dir(device)
+    env = harness.environment(device)
+    peaks = {"matmul": matmul_tflops(device, dtype), "table": peak_tflops(device, dtype)}
+    print(f"device {env['device']} | torch {env['torch']} | commit {env['commit']} | {harness.DTYPE_NAMES[dtype]} | "
+          f"matmul {peaks['matmul']:.3g} TFLOP/s measured, peak {peaks['table'] or 'unknown'} TFLOP/s from the table | "
+          f"{warmup} warm-up + {steps} timed steps | results in {out_dir}")
+    if not gpu:
+        print("note: CPU timings on a shared machine are noisy; peak memory is not measured on the CPU")
+    for name, reason in skipped.items():
+        print(f"skipping backend {name}: {reason}")
+    writer = report.RowWriter(out_dir / "train.jsonl")
+    rows = []
+    previous_backend = ops.get_backend()
+    try:
+        for preset_name in presets:
+            batch_size = args.batch_size or (GPU_BATCH if gpu else CPU_BATCH)[preset_name]
+            baseline_ms = None
+            for backend in backends:
+                row = measure(preset_name, backend, device=device, dtype=dtype, batch_size=batch_size,
+                              seq_len=args.seq_len, steps=steps, warmup=warmup, nvtx=args.nvtx, env=env, peaks=peaks)
+                row["baseline"] = args.baseline
+                if row["status"] == "ok" and backend == args.baseline:
+                    baseline_ms = row["ms"]
+                if row["status"] == "ok" and baseline_ms is not None:
+                    row["speedup"] = baseline_ms / row["ms"]
+                writer(row)
+                rows.append(row)
+    finally:
+        ops.set_backend(previous_backend)
+    print()
+    print(f"## training throughput ({env['device']}, {harness.DTYPE_NAMES[dtype]})")
+    print(report.train_table(rows))
+    print()
+    print("MFU: 6 N + 12 L T d FLOP per token (PaLM convention) over the table peak; 'MFU vs matmul' over the "
+          "measured matmul peak")
+    written = report.render_op(out_dir, "train", plot=False)
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0 if any(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

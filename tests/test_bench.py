@@ -1,0 +1,239 @@
+"""The bench harness, its results, the training benchmark and the profiling hooks, on the CPU."""
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+
+import pytest
+import torch
+
+from bench import attention, cross_entropy, ffn, harness, layernorm, report
+from bench import train as bench_train
+from engine import profiling
+from engine.data import ByteTokenizer
+from engine.model import GPT, GPTConfig, preset
+from engine.trainer import TrainConfig, Trainer
+
+ROW_FIELDS = {"op", "backend", "label", "shape", "dtype", "pass", "status", "ms", "tflops", "gbps", "peak_mem_mb",
+              "speedup", "baseline", "flop", "bytes", "repeats", "device", "torch", "triton", "commit", "date"}
+CPU = torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- FLOP and byte counts
+
+def test_attention_flop_by_hand():
+    # B=1, H=2, T=4, D=8: Q K^T and P V are 2 * 4 * 4 * 8 = 256 FLOP each per head -> 1024, causal half -> 512.
+    shape = {"B": 1, "H": 2, "T": 4, "D": 8, "causal": True}
+    assert attention.attention_flop(shape) == {"fwd": 512, "bwd": 1280, "fwd+bwd": 1792}
+    assert attention.attention_flop({**shape, "causal": False})["fwd"] == 1024
+
+
+def test_ffn_flop_by_hand():
+    # N=3, d_model=4, d_ff=8: one matmul is 2 * 3 * 4 * 8 = 192 FLOP; forward has 2, backward 4.
+    assert ffn.ffn_flop({"N": 3, "d_model": 4, "d_ff": 8}) == {"fwd": 384, "bwd": 768, "fwd+bwd": 1152}
+
+
+def test_linear_cross_entropy_flop_by_hand():
+    # N=2, d=3, V=5: the logits are 2 * 2 * 3 * 5 = 60 FLOP; backward computes dX and dW.
+    flop = cross_entropy.linear_cross_entropy_flop({"N": 2, "d_model": 3, "V": 5})
+    assert flop == {"fwd": 60, "bwd": 120, "fwd+bwd": 180}
+
+
+def test_memory_bound_bytes_by_hand():
+    # LayerNorm N=2, C=3 in fp32: forward reads x, writes y (12 values) + weight, bias (6) = 72 bytes;
+    # backward reads x, dy, writes dx (18) + weight, dweight, dbias (9) = 108 bytes. bf16 halves both.
+    assert layernorm.layer_norm_bytes({"N": 2, "C": 3}, torch.float32) == {"fwd": 72, "bwd": 108, "fwd+bwd": 180}
+    assert layernorm.layer_norm_bytes({"N": 2, "C": 3}, torch.bfloat16)["fwd+bwd"] == 90
+    # cross-entropy N=2, V=3 in fp32: forward reads 6 logits (24) + 2 int64 targets (16) = 40;
+    # backward reads the logits and writes their gradient (48) + targets (16) = 64.
+    assert cross_entropy.cross_entropy_bytes({"N": 2, "V": 3}, torch.float32) == {"fwd": 40, "bwd": 64, "fwd+bwd": 104}
+
+
+def test_train_flop_per_token_follows_the_palm_convention():
+    model = GPT(GPTConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=8,
+                          pos_encoding="learned"))
+    without_positions = model.num_parameters() - 8 * 16
+    assert bench_train.flop_per_token(model, 8) == 6 * without_positions + 12 * 2 * 8 * 16
+
+
+def test_peak_table_by_gpu_name(monkeypatch):
+    cuda = torch.device("cuda")
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H200", 989.5),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Other GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench_train.peak_tflops(cuda, torch.bfloat16) == peak
+    assert bench_train.peak_tflops(cuda, torch.float32) is None
+    assert bench_train.peak_tflops(CPU, torch.bfloat16) is None
+
+
+# ----------------------------------------------------------------------------- the harness on the CPU
+
+def small_attention_run(tmp_path, backends):
+    writer = report.RowWriter(tmp_path / "attention.jsonl")
+    shape = {"B": 1, "H": 2, "T": 16, "D": 8, "causal": True}
+    return harness.run(attention.SPEC, [shape], dtype=torch.float32, device=CPU, backends=backends, repeats=2,
+                       sink=writer)
+
+
+def test_harness_rows_are_well_formed(tmp_path):
+    rows = small_attention_run(tmp_path, ["reference", "torch"])
+    assert [(row["backend"], row["pass"]) for row in rows] == [
+        ("torch", "fwd"), ("torch", "bwd"), ("torch", "fwd+bwd"),  # the baseline runs first
+        ("reference", "fwd"), ("reference", "bwd"), ("reference", "fwd+bwd"),
+    ]
+    by_key = {(row["backend"], row["pass"]): row for row in rows}
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert row["status"] == "ok" and row["op"] == "attention" and row["dtype"] == "fp32"
+        assert row["ms"] > 0 and row["repeats"] == 2 and row["input_sets"] == 1
+        assert row["peak_mem_mb"] is None  # not measured on the CPU
+        assert row["flop"] == attention.attention_flop(row["shape"])[row["pass"]]
+        assert math.isclose(row["tflops"], row["flop"] / (row["ms"] * 1e-3) / 1e12)
+        assert row["gbps"] is None and row["label"] == "B=1 H=2 T=16 D=8 causal"
+        expected = by_key[("torch", row["pass"])]["ms"] / row["ms"]
+        assert math.isclose(row["speedup"], expected)
+        assert row["device"].startswith("CPU") and row["torch"] == torch.__version__
+        datetime.fromisoformat(row["date"])
+    assert all(by_key[("torch", name)]["speedup"] == 1.0 for name in harness.PASSES)
+    on_disk = report.load_rows(tmp_path / "attention.jsonl")
+    assert on_disk == json.loads(json.dumps(rows))
+    table = report.markdown_table(on_disk)
+    assert table.splitlines()[0] == "| shape | dtype | pass | backend | ms | TFLOP/s | vs torch |"
+    assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_harness_records_a_failing_backend_and_goes_on(tmp_path):
+    def mismatched(shape, dtype, device):  # K has a different head size: every backend must refuse
+        q = torch.randn(1, 1, 8, 4, requires_grad=True)
+        k = torch.randn(1, 1, 8, 5, requires_grad=True)
+        return harness.Inputs((q, k, k), {"causal": True})
+
+    spec = harness.OpBench("attention", mismatched, flop=attention.attention_flop)
+    rows = harness.run(spec, [{"B": 1, "H": 1, "T": 8, "D": 4, "causal": True}], dtype=torch.float32, device=CPU,
+                       backends=["torch", "reference"], passes=("fwd",), repeats=1)
+    assert len(rows) == 2
+    assert all(row["status"].startswith("error: ") and row["ms"] is None and row["speedup"] is None for row in rows)
+    assert "note" in report.markdown_table(rows)
+
+
+def test_backend_selection_names_what_it_skips():
+    chosen, skipped = harness.select_backends("attention", "cpu", ["torch", "no-such-backend", "torch"], False)
+    assert chosen == ["torch"]
+    assert "no-such-backend" in skipped["no-such-backend"]
+    chosen, skipped = harness.select_backends("attention", "cpu", None, True)
+    assert {"reference", "torch"} <= set(chosen) and chosen[-1] == harness.COMPILE
+    assert set(chosen) | set(skipped) == set(harness.ops.available_backends()) | {harness.COMPILE}
+
+
+def test_attention_cli_prints_a_table_with_ratios(tmp_path, capsys):
+    status = attention.main(["--T", "16", "--D", "8", "--repeats", "2", "--backends", "torch,reference",
+                             "--passes", "fwd", "--out", str(tmp_path), "--no-plot"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert "| shape | dtype | pass | backend | ms | TFLOP/s | vs torch |" in lines
+    torch_line = next(line for line in lines if "| fwd | torch |" in line)
+    reference_line = next(line for line in lines if "| fwd | reference |" in line)
+    assert torch_line.endswith("| 1.00x |") and reference_line.endswith("x |")
+    assert (tmp_path / "attention.md").exists()
+
+
+def test_report_renders_tables_plot_and_summary(tmp_path):
+    small_attention_run(tmp_path, ["torch", "reference"])
+    written = report.render_op(tmp_path, "attention", plot=True)
+    assert tmp_path / "attention.png" in written and (tmp_path / "attention.png").stat().st_size > 0
+    with open(tmp_path / "attention.jsonl", "a") as handle:
+        handle.write('{"op": "attention", "cut sh')  # a row cut short by a killed run is skipped
+    assert report.main([str(tmp_path), "--no-plot"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| op | shape | dtype | pass | torch | reference |" in summary
+
+
+# ----------------------------------------------------------------------------- bench.train
+
+def test_bench_train_runs_toy_steps(tmp_path, capsys):
+    status = bench_train.main(["--presets", "toy", "--backends", "reference,torch", "--steps", "1", "--warmup", "1",
+                               "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path)])
+    assert status == 0
+    rows = report.load_rows(tmp_path / "train.jsonl")
+    assert [row["backend"] for row in rows] == ["torch", "reference"]
+    for row in rows:
+        assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["ms"] > 0
+        assert row["shape"] == {"preset": "toy", "batch_size": 2, "seq_len": 32, "params": row["shape"]["params"]}
+        assert row["mfu"] is None and 0 < row["mfu_vs_matmul"] and math.isfinite(row["loss"])
+    assert rows[0]["speedup"] == 1.0 and math.isclose(rows[1]["speedup"], rows[0]["ms"] / rows[1]["ms"])
+    assert "| toy | 2 x 32 | fp32 | reference |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- profiling hooks
+
+@pytest.fixture
+def counting_nvtx(monkeypatch):
+    """Replace the NVTX provider with one that records the ranges; ranges are off again afterwards."""
+    events = []
+    monkeypatch.setattr(profiling, "_find_nvtx", lambda: (lambda name: events.append(("push", name)),
+                                                          lambda: events.append(("pop", None)), "test"))
+    yield events
+    profiling.enable_nvtx(False)
+
+
+def test_nvtx_ranges_cost_nothing_when_off_and_mark_each_layer_when_on(counting_nvtx):
+    model = GPT(preset("toy", vocab_size=32, n_layers=2, max_seq_len=16))
+    idx = torch.randint(0, 32, (1, 16))
+    profiling.enable_nvtx(False)
+    assert profiling.nvtx_range("x") is profiling.nvtx_range("y")  # one shared no-op context manager
+    expected = model(idx)
+    assert counting_nvtx == []
+    assert profiling.enable_nvtx(True)
+    torch.testing.assert_close(model(idx), expected, rtol=0, atol=0)
+    pushed = [name for kind, name in counting_nvtx if kind == "push"]
+    assert pushed == ["block0.attention", "block0.ffn", "block1.attention", "block1.ffn"]
+    assert sum(kind == "pop" for kind, _ in counting_nvtx) == len(pushed)
+
+
+def test_nvtx_switch_is_a_noop_without_a_gpu(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only behaviour")
+    model = GPT(preset("toy", vocab_size=32, n_layers=1, max_seq_len=16))
+    idx = torch.randint(0, 32, (1, 16))
+    expected = model(idx)
+    try:
+        profiling.enable_nvtx(True)  # the nvtx package (no profiler attached), or off with a warning
+        torch.testing.assert_close(model(idx), expected, rtol=0, atol=0)
+        monkeypatch.setattr(profiling, "_find_nvtx", lambda: None)
+        assert profiling.enable_nvtx(True) is False and not profiling.nvtx_enabled()
+    finally:
+        profiling.enable_nvtx(False)
+
+
+def test_step_profiler_writes_a_chrome_trace_of_the_chosen_steps(tmp_path):
+    messages = []
+    profiler = profiling.StepProfiler(tmp_path / "trace.json", True, skip=1, steps=2, log=messages.append)
+    for _ in range(5):
+        with torch.profiler.record_function("work"):
+            torch.randn(32, 32) @ torch.randn(32, 32)
+        profiler.step()
+    profiler.close()
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert sum(event.get("name") == "work" for event in trace["traceEvents"]) == 2  # steps 2 and 3 only
+    assert messages == [f"profile: Chrome trace of 2 step(s) written to {tmp_path / 'trace.json'}"]
+    off = profiling.StepProfiler(tmp_path / "off.json", False)
+    off.step()
+    off.close()
+    assert not (tmp_path / "off.json").exists()
+
+
+def test_trainer_profile_flag_writes_a_trace_into_the_run_folder(tmp_path):
+    data = bench_train.random_token_data(256, 16, 2)
+    data.tokenizer = ByteTokenizer()
+    config = TrainConfig(batch_size=2, max_steps=3, eval_iters=1, profile=True, nvtx=True, sample_tokens=0,
+                         device="cpu", dtype="fp32")
+    trainer = Trainer(preset("toy", vocab_size=256, n_layers=1, max_seq_len=16), config, data, tmp_path, CPU,
+                      torch.float32, log=lambda message: None)
+    try:
+        assert trainer.run() == 0
+    finally:
+        profiling.enable_nvtx(False)
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    assert sum(event.get("name") == "train_step" for event in trace["traceEvents"]) == 2  # steps 2 and 3
