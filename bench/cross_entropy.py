@@ -69,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "Cross-entropy and fused LM head + cross-entropy per backend against vocabulary.")
     parser.add_argument("--ops", type=lambda s: harness.parse_list(s), default=list(OPS),
                         help="comma-separated subset of cross_entropy,linear_cross_entropy (default: both)")
-    parser.add_argument("--rows", type=int, default=None, help=f"rows N (default: {GPU_ROWS} on a GPU, {CPU_ROWS} on a CPU)")
+    parser.add_argument("--rows", type=int, default=None,
+                        help=f"rows N (default: {GPU_ROWS} on a GPU, {CPU_ROWS} on a CPU)")
     parser.add_argument("--vocab", type=lambda s: harness.parse_list(s, int), default=None,
                         help="vocabulary sizes V (default: per op, see the module docstring)")
     parser.add_argument("--d-model", type=int, default=None,
-                        help=f"linear_cross_entropy's input width (default: {GPU_D_MODEL} on a GPU, {CPU_D_MODEL} on a CPU)")
+                        help=f"linear_cross_entropy's input width (default: {GPU_D_MODEL} on a GPU, "
+                             f"{CPU_D_MODEL} on a CPU)")
     return parser
 
 

@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh [RESULTS_DIR]        default: bench/results/<date>-<device>/
 #
-# Stages, each with a time limit, all within BUDGET_S (default 450 s):
+# Stages, each with a time limit, all within BUDGET_S (default 460 s):
 #   device       the GPU, driver and Python package versions (and which optional packages are missing)
 #   build        the C++/CUDA extension: pip install --no-build-isolation --no-deps --no-index -e .
 #                (a failure is reported and the run goes on without that backend)
@@ -26,8 +26,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-450}
-REPORT_RESERVE_S=15
+BUDGET_S=${BUDGET_S:-460}
+REPORT_RESERVE_S=30
 DEADLINE=$((SECONDS + BUDGET_S))
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -117,17 +117,17 @@ printf 'device\tok\t%s\n' "$SECONDS" >>"$STAGES"
 if [[ $device == cpu ]]; then
     printf 'build\tskipped: CPU smoke run\t0\n' >>"$STAGES"
 else
-    run_stage build 90 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
+    run_stage build 120 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
 run_stage backends 15 "$PYTHON" -m engine.train --list-backends
-run_stage tests 75 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest-gpu.xml"
-run_stage attention 60 "$PYTHON" -m bench.attention --out "$OUT_DIR" --no-plot "${ATTENTION_ARGS[@]}"
+run_stage tests 70 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest-gpu.xml"
+run_stage attention 55 "$PYTHON" -m bench.attention --out "$OUT_DIR" --no-plot "${ATTENTION_ARGS[@]}"
 run_stage ffn 45 "$PYTHON" -m bench.ffn --out "$OUT_DIR" --no-plot "${FFN_ARGS[@]}"
 run_stage cross_entropy 25 "$PYTHON" -m bench.cross_entropy --out "$OUT_DIR" --no-plot "${CROSS_ENTROPY_ARGS[@]}"
 run_stage layernorm 25 "$PYTHON" -m bench.layernorm --out "$OUT_DIR" --no-plot "${LAYERNORM_ARGS[@]}"
-run_stage train 80 "$PYTHON" -m bench.train --out "$OUT_DIR" "${TRAIN_ARGS[@]}"
+run_stage train 75 "$PYTHON" -m bench.train --out "$OUT_DIR" "${TRAIN_ARGS[@]}"
 
-timeout 60 "$PYTHON" -m bench.report "$OUT_DIR" >"$OUT_DIR/report.log" 2>&1 || echo "bench.report failed: see $OUT_DIR/report.log"
+timeout "$REPORT_RESERVE_S" "$PYTHON" -m bench.report "$OUT_DIR" >"$OUT_DIR/report.log" 2>&1 || echo "bench.report failed: see $OUT_DIR/report.log"
 echo
 echo "== stages (total ${SECONDS}s, budget ${BUDGET_S}s)"
 while IFS=$'\t' read -r name status seconds; do

@@ -178,7 +178,7 @@ def default_out_dir(device: torch.device) -> Path:
 
 # ----------------------------------------------------------------------------- timing
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -199,14 +199,14 @@ def time_calls(work: Callable[[int], None], prepare: Callable[[int], None], n_se
         return statistics.median(times), len(times)
 
     calls, last_ms = 0, 0.0
-    _sync(device)
+    synchronize(device)
     warmup_started = time.perf_counter()
     while calls < MIN_WARMUP_CALLS or (time.perf_counter() - warmup_started) * 1e3 < WARMUP_MS:
         i = calls % n_sets
         prepare(i)
         started = time.perf_counter()
         work(i)
-        _sync(device)
+        synchronize(device)
         last_ms = (time.perf_counter() - started) * 1e3  # the latest call estimates one call's cost
         calls += 1
     if repeats is None:
@@ -219,7 +219,7 @@ def time_calls(work: Callable[[int], None], prepare: Callable[[int], None], n_se
         starts[r].record()
         work(i)
         ends[r].record()
-    _sync(device)
+    synchronize(device)
     return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends)), repeats
 
 
@@ -228,11 +228,11 @@ def peak_memory_mb(work: Callable[[int], None], prepare: Callable[[int], None], 
     if device.type != "cuda":
         return None
     prepare(0)
-    _sync(device)
+    synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     work(0)
-    _sync(device)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
@@ -315,7 +315,7 @@ def select_backends(op: str, device_type: str, requested: list[str] | None,
     return chosen, skipped
 
 
-def _error_status(exc: BaseException) -> str:
+def error_status(exc: BaseException) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError) or isinstance(exc, MemoryError):
         return "oom"
     first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -332,7 +332,8 @@ def run(spec: OpBench, shapes: list[dict], *, dtype: torch.dtype, device: torch.
     for shape in shapes:
         torch.manual_seed(0)
         first = spec.make_inputs(shape, dtype, device)
-        input_sets = [first] + [spec.make_inputs(shape, dtype, device) for _ in range(rotation_count(first, device) - 1)]
+        copies = rotation_count(first, device)
+        input_sets = [first] + [spec.make_inputs(shape, dtype, device) for _ in range(copies - 1)]
         flop = spec.flop(shape) if spec.flop else {}
         nbytes = spec.bytes(shape, dtype) if spec.bytes else {}
         baseline_ms: dict[str, float] = {}
@@ -354,7 +355,7 @@ def run(spec: OpBench, shapes: list[dict], *, dtype: torch.dtype, device: torch.
                         implementation, input_sets, pass_name, device, repeats, f"{spec.name}.{backend}.{pass_name}"
                     )
                 except Exception as exc:  # noqa: BLE001 - one failing backend must not end the sweep; the row says why
-                    row["status"] = _error_status(exc)
+                    row["status"] = error_status(exc)
                     print(f"  {backend} {pass_name} {row['label']}: {row['status']}", file=sys.stderr)
                 else:
                     row.update(ms=ms, repeats=repeats_done, peak_mem_mb=peak)
@@ -419,7 +420,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                              f"{CPU_REPEATS} on a CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a busy machine")
+                        help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a "
+                             "busy machine")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: bench/results/<date>-<device>/ on a GPU, "
                              "bench/results/tmp-cpu/ on a CPU)")

@@ -43,7 +43,8 @@ SPEC = harness.OpBench("layer_norm", make_inputs, bytes=layer_norm_bytes, x_axis
 
 def build_parser() -> argparse.ArgumentParser:
     parser = harness.build_parser("python -m bench.layernorm", "LayerNorm bandwidth per backend against width.")
-    parser.add_argument("--rows", type=int, default=None, help=f"rows N (default: {GPU_ROWS} on a GPU, {CPU_ROWS} on a CPU)")
+    parser.add_argument("--rows", type=int, default=None,
+                        help=f"rows N (default: {GPU_ROWS} on a GPU, {CPU_ROWS} on a CPU)")
     parser.add_argument("--C", type=lambda s: harness.parse_list(s, int), default=None,
                         help=f"widths (default: {GPU_WIDTHS} on a GPU, {CPU_WIDTHS} on a CPU)")
     return parser

@@ -108,7 +108,8 @@ def train_table(rows: list[dict]) -> str:
         shape = row["shape"]
         lines.append([
             shape["preset"], f"{shape['batch_size']} x {shape['seq_len']}", row["dtype"], row["backend"],
-            row.get("ops") if row["backend"] in ("auto", "compile") and row.get("ops") else "-", number(row["ms"]), number(row.get("tokens_per_s")), number(row.get("tflops")),
+            row.get("ops") if row["backend"] in ("auto", "compile") and row.get("ops") else "-",
+            number(row["ms"]), number(row.get("tokens_per_s")), number(row.get("tflops")),
             "-" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%",
             "-" if row.get("mfu_vs_matmul") is None else f"{100 * row['mfu_vs_matmul']:.1f}%",
             number(row.get("peak_mem_mb")), ratio(row.get("speedup")), "" if row["status"] == "ok" else row["status"],
@@ -117,7 +118,9 @@ def train_table(rows: list[dict]) -> str:
 
 
 def plot_rows(rows: list[dict], path: Path) -> bool:
-    """TFLOP/s (or GB/s) against the sweep variable, a subplot per pass, a line per backend; False if nothing to plot."""
+    """TFLOP/s (or GB/s) against the sweep variable, a subplot per pass, a line per backend.
+
+    Returns False (and writes nothing) when there is nothing to plot."""
     try:
         import matplotlib
     except ImportError:

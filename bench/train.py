@@ -76,10 +76,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device).to(dtype)
     times = []
     for i in range(13 if device.type == "cuda" else 4):
-        harness._sync(device)
+        harness.synchronize(device)
         started = time.perf_counter()
         torch.mm(a, b)
-        harness._sync(device)
+        harness.synchronize(device)
         if i >= (3 if device.type == "cuda" else 1):  # warm-up calls are not counted
             times.append(time.perf_counter() - started)
     return 2 * n**3 / statistics.median(times) / 1e12
@@ -156,7 +156,7 @@ def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torc
             started = time.perf_counter()
             for _ in range(warmup):
                 trainer.train_step()
-            harness._sync(device)
+            harness.synchronize(device)
             row["warmup_s"] = time.perf_counter() - started
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -164,7 +164,7 @@ def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torc
             loss = torch.zeros((), device=device)
             for _ in range(steps):
                 loss = trainer.train_step()
-            harness._sync(device)
+            harness.synchronize(device)
             elapsed = time.perf_counter() - started
             row["loss"] = loss.item()
             if not math.isfinite(row["loss"]):
@@ -179,7 +179,7 @@ def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torc
             if device.type == "cuda":
                 row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     except Exception as exc:  # noqa: BLE001 - one failing backend must not end the comparison; the row says why
-        row["status"] = harness._error_status(exc)
+        row["status"] = harness.error_status(exc)
         print(f"  {row['label']} {backend}: {row['status']}", file=sys.stderr)
     finally:
         del trainer
@@ -203,17 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include 'compile' (torch.compile of the torch backend; default: on a GPU only, "
                              "the first compile takes minutes on a small CPU)")
-    parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default: {GPU_STEPS} GPU, {CPU_STEPS} CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"timed steps (default: {GPU_STEPS} GPU, {CPU_STEPS} CPU)")
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed steps first (default: {GPU_WARMUP} GPU, {CPU_WARMUP} CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"sequences per step for every preset (default: per preset, GPU {GPU_BATCH}, CPU {CPU_BATCH})")
+                        help=f"sequences per step for every preset (default: per preset, GPU {GPU_BATCH}, "
+                             f"CPU {CPU_BATCH})")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's max_seq_len)")
     parser.add_argument("--dtype", choices=list(harness.DTYPES), default=None,
                         help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a busy machine")
+                        help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a "
+                             "busy machine")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default as in the op benchmarks)")
     parser.add_argument("--nvtx", action="store_true", help="NVTX ranges in the model and the step (for Nsight)")
     return parser

@@ -49,7 +49,8 @@ def enable_nvtx(enabled: bool = True) -> bool:
         return False
     found = _find_nvtx()
     if found is None:
-        log.warning("NVTX ranges requested but neither a CUDA PyTorch nor the `nvtx` package is present: ranges stay off")
+        log.warning("NVTX ranges requested, but neither a CUDA PyTorch nor the `nvtx` package is present: "
+                    "ranges stay off")
         _enabled = False
         return False
     _push, _pop, provider = found
