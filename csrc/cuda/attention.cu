@@ -32,6 +32,7 @@
 // Causal means query i sees keys 0..i. Key tiles entirely in the future of a query tile are never
 // loaded, a warp skips the math of a tile entirely in the future of its rows, and masks are applied
 // only on tiles that straddle the diagonal or the end of the sequence.
+// Shared memory per block is at most 70 KB (kHeadDim 128), within every sm_80+ GPU's opt-in limit.
 // Caveats: no dropout. The tensor-core kernels need sm_80 (cp.async, bf16 mma): built for an older
 // target they trap, and the glue refuses such devices with a clear error.
 
@@ -225,8 +226,10 @@ struct ForwardTiles {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;  // queries per block, 16 per warp
   static constexpr int kBlockN = 64;           // keys per tile
-  // Q, then two stages of K, then two stages of V.
-  static constexpr int kSmemBytes = (kBlockM + 4 * kBlockN) * kSmemStride<kHeadDim> * 2;
+  // Two stages of (K tile, V tile). Q is read once, into registers, so it is staged in the space of
+  // stage 1 before that stage is first filled: 70 KB at kHeadDim = 128 instead of 104 KB.
+  static constexpr int kSmemBytes = 4 * kBlockN * kSmemStride<kHeadDim> * 2;
+  static_assert(kBlockM <= 2 * kBlockN, "the Q tile must fit in one (K, V) stage");
 };
 
 // Grid: (batch * heads, query tiles). Query tiles run last-first so causal blocks with the most key
@@ -248,9 +251,9 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   constexpr int kKeySteps = kBlockN / 16;     // k-steps of P V over keys
 
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  Element* q_tile = reinterpret_cast<Element*>(shared_bytes);  // [kBlockM][kStride]
-  Element* k_tiles = q_tile + kBlockM * kStride;               // [2][kBlockN][kStride]
-  Element* v_tiles = k_tiles + 2 * kBlockN * kStride;          // [2][kBlockN][kStride]
+  // Stage s: K tile at stages + 2 s kBlockN kStride, V tile kBlockN rows after it.
+  Element* stages = reinterpret_cast<Element*>(shared_bytes);
+  Element* q_tile = stages + 2 * kBlockN * kStride;  // [kBlockM][kStride], over stage 1 until Q is in registers
 
   const int64_t head = blockIdx.x;
   const int m0 = static_cast<int>(gridDim.y - 1 - blockIdx.y) * kBlockM;
@@ -276,11 +279,20 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
 
   copy_tile_async<kBlockM, kHeadDim, kThreads>(q_tile, q, m0, seq_len, head_dim);
   cp_async_commit();
-  copy_tile_async<kBlockN, kHeadDim, kThreads>(k_tiles, k, 0, seq_len, head_dim);
-  copy_tile_async<kBlockN, kHeadDim, kThreads>(v_tiles, v, 0, seq_len, head_dim);
+  copy_tile_async<kBlockN, kHeadDim, kThreads>(stages, k, 0, seq_len, head_dim);
+  copy_tile_async<kBlockN, kHeadDim, kThreads>(stages + kBlockN * kStride, v, 0, seq_len, head_dim);
   cp_async_commit();
 
+  // Q fragments (A operands of Q K^T) for this warp's 16 rows stay in registers for the whole loop.
   uint32_t q_fragments[kKSteps][4];
+  cp_async_wait<1>();  // Q has landed (tile 0 may still be in flight)
+  __syncthreads();
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) {
+    ldmatrix_x4(q_fragments[ks], q_tile + (16 * warp + a_row) * kStride + 16 * ks + a_col);
+  }
+  __syncthreads();  // every warp has its Q: the space becomes stage 1
+
   float o_acc[kDTiles][4];
 #pragma unroll
   for (int dt = 0; dt < kDTiles; ++dt) o_acc[dt][0] = o_acc[dt][1] = o_acc[dt][2] = o_acc[dt][3] = 0.0f;
@@ -290,23 +302,17 @@ __global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j % 2;
     if (j + 1 < n_tiles) {
-      copy_tile_async<kBlockN, kHeadDim, kThreads>(k_tiles + (1 - stage) * kBlockN * kStride, k, (j + 1) * kBlockN,
-                                                   seq_len, head_dim);
-      copy_tile_async<kBlockN, kHeadDim, kThreads>(v_tiles + (1 - stage) * kBlockN * kStride, v, (j + 1) * kBlockN,
-                                                   seq_len, head_dim);
+      Element* next = stages + (1 - stage) * 2 * kBlockN * kStride;
+      copy_tile_async<kBlockN, kHeadDim, kThreads>(next, k, (j + 1) * kBlockN, seq_len, head_dim);
+      copy_tile_async<kBlockN, kHeadDim, kThreads>(next + kBlockN * kStride, v, (j + 1) * kBlockN, seq_len,
+                                                   head_dim);
     }
     cp_async_commit();  // possibly empty, so that "all but the newest group" always means tile j
     cp_async_wait<1>();
     __syncthreads();
 
-    if (j == 0) {
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        ldmatrix_x4(q_fragments[ks], q_tile + (16 * warp + a_row) * kStride + 16 * ks + a_col);
-      }
-    }
-    const Element* k_tile = k_tiles + stage * kBlockN * kStride;
-    const Element* v_tile = v_tiles + stage * kBlockN * kStride;
+    const Element* k_tile = stages + stage * 2 * kBlockN * kStride;
+    const Element* v_tile = k_tile + kBlockN * kStride;
     const int n0 = j * kBlockN;
     const bool warp_sees_tile = warp_row0 < seq_len && (!causal || n0 <= warp_row0 + 15);
 
@@ -441,9 +447,12 @@ struct BackwardTiles {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockKeys = 16 * kWarps;  // dK/dV kernel: keys per block, 16 per warp
-  static constexpr int kBlockQueries = kHeadDim <= 64 ? 64 : 32;  // dK/dV kernel: queries per streamed tile
   static constexpr int kBlockRows = 16 * kWarps;  // dQ kernel: queries per block, 16 per warp
-  static constexpr int kBlockN = 64;              // dQ kernel: keys per streamed tile
+  // Streamed tiles are halved at kHeadDim = 128: in the dK/dV kernel 64 queries would need more than
+  // 255 registers per thread (dK, dV, S^T, dP^T accumulators), and the dQ kernel stays under 99 KB of
+  // shared memory (the sm_86/sm_89 limit).
+  static constexpr int kBlockQueries = kHeadDim <= 64 ? 64 : 32;  // dK/dV kernel: queries per streamed tile
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;        // dQ kernel: keys per streamed tile
   // dK/dV: K and V, then two stages of (Q, dO) tiles, then two stages of lse (log2 units) and delta.
   static constexpr int kDkDvSmemBytes =
       (2 * kBlockKeys + 4 * kBlockQueries) * kSmemStride<kHeadDim> * 2 + 4 * kBlockQueries * 4;
