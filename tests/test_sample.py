@@ -72,8 +72,8 @@ def test_prefill_then_decode_matches_full_forward(pos_encoding, backend):
 
 
 @pytest.mark.parametrize("pos_encoding", ["sinusoidal", "learned"])
-@pytest.mark.parametrize("settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
-                                      dict(temperature=1.3, top_p=0.8), dict(temperature=0.0)])
+@pytest.mark.parametrize("settings", [{"temperature": 1.0}, {"temperature": 0.7, "top_k": 5},
+                                      {"temperature": 1.3, "top_p": 0.8}, {"temperature": 0.0}])
 def test_cached_generation_gives_the_uncached_tokens_past_max_seq_len(pos_encoding, settings):
     # 5 prompt tokens + 30 new ones: the last 19 steps run with the window full (max_seq_len 16).
     model = tiny_model(pos_encoding)
@@ -110,6 +110,30 @@ def test_cache_refuses_a_multi_token_step_and_positions_past_max_seq_len():
             model(torch.zeros(1, 1, dtype=torch.long), cache)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
+def test_cached_decode_on_cuda_matches_full_forward(backend, dtype, tolerance):
+    # On CUDA, auto picks the fused kernels: the decode step is their T_q = 1, causal=False case.
+    ops.set_backend(backend)
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=101, d_model=128, n_heads=4, d_ff=256, n_layers=3, max_seq_len=64,
+                       pos_encoding="learned", activation="gelu_tanh")
+    model = GPT(config).cuda().eval()
+    idx = torch.randint(101, (3, 40), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        full = model(idx).float()
+        cache = KVCache(config.n_layers)
+        steps = [model(idx[:, :17], cache).float()]
+        steps += [model(idx[:, t:t + 1], cache).float() for t in range(17, 40)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=tolerance, rtol=tolerance)
+    if dtype == torch.float32:
+        # Sampling (not argmax, which would flip on a near tie) through the window's end at 64 tokens.
+        cached = model.generate(idx[:, :5], 80, generator=torch.Generator("cuda").manual_seed(1))
+        uncached = model.generate(idx[:, :5], 80, generator=torch.Generator("cuda").manual_seed(1), use_cache=False)
+        assert torch.equal(cached, uncached)
+
+
 # ----------------------------------------------------------------------------- sampling filters
 
 def test_sampling_filters_keep_only_the_allowed_tokens():
@@ -124,10 +148,10 @@ def test_sampling_filters_keep_only_the_allowed_tokens():
     assert sorted(sample_next_token(logits, generator=generator).unique().tolist()) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("kwargs,message", [(dict(temperature=-1.0), "temperature must be >= 0"),
-                                            (dict(top_k=0), "top_k must be a positive integer"),
-                                            (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-                                            (dict(top_p=1.5), r"top_p must be in \(0, 1\]")])
+@pytest.mark.parametrize("kwargs,message", [({"temperature": -1.0}, "temperature must be >= 0"),
+                                            ({"top_k": 0}, "top_k must be a positive integer"),
+                                            ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+                                            ({"top_p": 1.5}, r"top_p must be in \(0, 1\]")])
 def test_invalid_sampling_settings_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample_next_token(torch.zeros(1, 5), **kwargs)

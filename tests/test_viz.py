@@ -10,7 +10,9 @@ import struct
 import pytest
 import torch
 
-import engine.trainer
+pytest.importorskip("matplotlib")
+
+import engine.trainer  # after the skip check: engine.viz needs matplotlib
 from engine import ops
 from engine.model import GPT, GPTConfig
 from engine.train import entry_point as train_entry_point
