@@ -248,7 +248,8 @@ def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout:
     engine_tokenizer = folder / ENGINE_TOKENIZER_NAME
     tokenizer = load_tokenizer(engine_tokenizer) if engine_tokenizer.is_file() else IdTokenizer(config.vocab_size)
     if tokenizer.vocab_size > config.vocab_size:
-        raise UsageError(f"{engine_tokenizer} has {tokenizer.vocab_size} tokens, more than the model's {config.vocab_size}")
+        raise UsageError(f"{engine_tokenizer} has {tokenizer.vocab_size} tokens, "
+                         f"more than the model's {config.vocab_size}")
     if tokenizer.kind == "ids" and data is not None and not is_nanogpt_folder(data):
         raise UsageError(f"--data {data} is not a nanoGPT folder (train.bin/val.bin): this model's tokens are "
                          "GPT-2 BPE ids, so it trains on token ids, not on text")
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, metavar="DIR", help="run folder written by engine.train")
     source.add_argument("--checkpoint", type=Path, metavar="FILE", help="a checkpoint.pt file")
-    export.add_argument("--out", type=Path, required=True, metavar="HFDIR", help="folder to write (must not hold a model)")
+    export.add_argument("--out", type=Path, required=True, metavar="HFDIR",
+                        help="folder to write (must not hold a model)")
     importer = commands.add_parser("import", help="make a run folder from a Hugging Face GPT-2 folder")
     importer.add_argument("folder", type=Path, metavar="HFDIR", help="folder with config.json and model.safetensors")
     importer.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder to create")

@@ -135,7 +135,8 @@ class StreamDecoder:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m engine.sample", description="Generate text from a trained run.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, metavar="DIR", help="run folder written by engine.train (or engine.hf import)")
+    source.add_argument("--run", type=Path, metavar="DIR",
+                        help="run folder written by engine.train (or engine.hf import)")
     source.add_argument("--checkpoint", type=Path, metavar="FILE", help="a checkpoint.pt file")
     parser.add_argument("--prompt", default=None,
                         help="text to continue (default: a newline, or token 0 where the vocabulary has none)")

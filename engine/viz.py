@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ids = viz_prompt(args.prompt, tokenizer, model)
     weights = attention_weights(model, torch.tensor([ids]))  # (L, H, T, T)
-    written.append(plot_attention_layer(weights, layer, token_labels(tokenizer, ids), out / f"attention_layer{layer}.png"))
+    labels = token_labels(tokenizer, ids)
+    written.append(plot_attention_layer(weights, layer, labels, out / f"attention_layer{layer}.png"))
     written.append(plot_attention_distance(mean_attention_distance(weights), out / "attention_distance.png"))
     table, name = position_matrix(model)
     written.append(plot_positions(table, name, out / "positional_encoding.png"))
