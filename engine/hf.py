@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.data import IdTokenizer, is_nanogpt_folder, load_tokenizer, save_tokenizer
 from engine.errors import UsageError
 from engine.model import GPT, GPTConfig
 from engine.sample import HF_TOKENIZER_DIR, checkpoint_file, load_model
-from engine.train import ArgumentParser, prepare_out_dir
+from engine.train import ArgumentParser
 from engine.trainer import TrainConfig, make_optimizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -242,6 +242,18 @@ def read_hf_folder(folder: Path, dropout: float) -> tuple[GPTConfig, dict[str, t
     return config, from_hf_tensors(tensors, config)
 
 
+def make_run_folder(out_dir: Path) -> None:
+    """Create the run folder for an import; never overwrite another run."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output path {out_dir} exists and is not a folder")
+    if (out_dir / CHECKPOINT_NAME).exists():
+        raise UsageError(f"{out_dir} already holds a run; choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create run folder {out_dir}: {exc.strerror or exc}") from None
+
+
 def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout: float = 0.0) -> Path:
     """Write a run folder (step 0) holding the Hugging Face model; returns the folder."""
     config, state = read_hf_folder(folder, dropout)
@@ -256,7 +268,7 @@ def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout:
     train_config = TrainConfig(data=data, tokenizer=tokenizer.kind if tokenizer.kind in ("char", "byte") else "char")
     model = GPT(config)
     model.load_state_dict(state)
-    prepare_out_dir(out_dir, resuming_in_place=False)
+    make_run_folder(out_dir)
     save_checkpoint({
         "model": model.state_dict(),
         "optimizer": make_optimizer(model, train_config, torch.device("cpu")).state_dict(),
@@ -268,7 +280,7 @@ def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout:
         "tokenizer": tokenizer.to_dict(),
         "data_source": f"imported from {folder}",
         "rng": {"torch": torch.get_rng_state(), "data": torch.Generator().manual_seed(train_config.seed).get_state()},
-    }, out_dir / "checkpoint.pt")
+    }, out_dir / CHECKPOINT_NAME)
     config_json = {"model": config.to_dict(), "train": train_config.to_dict(), "imported_from": str(folder)}
     (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     save_tokenizer(tokenizer, out_dir / "tokenizer.json")
