@@ -1,0 +1,131 @@
+// Shared by the CPU kernels: how their loops are vectorized, which instruction set runs them,
+// and the vectorizable math (exp2, erf, tanh) their loops call.
+//
+// Vectorization: kernels are plain C++ loops. Every hot inner loop is marked ENGINE_SIMD
+// (`#pragma omp simd`, honoured with -fopenmp) so the compiler vectorizes it even where it
+// would otherwise give up (reductions, loops it cannot prove independent); without the pragma
+// GCC 12 turns the register-blocked matmul below into scalar code for AVX2 and SSE.
+//
+// Instruction sets: one binary must run on any x86-64 CPU, so the build uses no -march flag.
+// Instead each kernel body is a template instantiated three times by ENGINE_ISA_VARIANTS,
+// inside functions compiled for AVX-512 (512-bit vectors), AVX2+FMA and the x86-64 baseline
+// (SSE2), and the variant this CPU supports is chosen at run time (cpu_isa()). The kernel
+// bodies are always-inline so they are compiled with the instruction set of the function they
+// are inlined into. Other architectures (aarch64: NEON is baseline) build the baseline only.
+// ENGINE_CPU_ISA=base|avx2|avx512 forces a lower variant (tests use it to cover all three).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if !defined(__GNUC__)
+#error "the engine's CPU kernels need GCC or Clang (function target attributes, #pragma omp simd)"
+#endif
+
+#define ENGINE_ALWAYS_INLINE inline __attribute__((always_inline))
+#define ENGINE_PRAGMA(text) _Pragma(#text)
+#define ENGINE_SIMD ENGINE_PRAGMA(omp simd)
+#define ENGINE_SIMD_REDUCE(op, ...) ENGINE_PRAGMA(omp simd reduction(op : __VA_ARGS__))
+
+#if defined(__x86_64__)
+#define ENGINE_X86_VARIANTS 1
+#if defined(__clang__)
+#define ENGINE_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), min_vector_width(512)))
+#else
+// GCC's tuning for AVX-512 CPUs otherwise prefers 256-bit vectors.
+#define ENGINE_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+#endif
+#define ENGINE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace engine::cpu {
+
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The variant the kernels run: the best this CPU supports, or ENGINE_CPU_ISA if set (lower only).
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+
+// Register tiles of the small matmuls (gemm_block below): kRows rows of C by kCols columns,
+// kept in registers while the reduction runs. kRows * kCols / (floats per vector) accumulators:
+// 16 of 32 zmm registers for AVX-512, 8 of 16 ymm for AVX2, 8 of 16 xmm for SSE2.
+struct TileAvx512 { static constexpr int kRows = 8, kCols = 32; };
+struct TileAvx2 { static constexpr int kRows = 4, kCols = 16; };
+struct TileBase { static constexpr int kRows = 4, kCols = 8; };
+
+// Defines `name(const Params&)`, which runs `impl<Tile>(params)` compiled for the instruction set
+// cpu_isa() picks. `impl` must be an ENGINE_ALWAYS_INLINE template, as must everything it calls
+// in its hot loops (otherwise that code is compiled for the baseline only).
+#if defined(ENGINE_X86_VARIANTS)
+#define ENGINE_ISA_VARIANTS(name, impl, Params)                                                   \
+  static void name##_base(const Params& params) { impl<::engine::cpu::TileBase>(params); }        \
+  ENGINE_TARGET_AVX2 static void name##_avx2(const Params& params) {                              \
+    impl<::engine::cpu::TileAvx2>(params);                                                        \
+  }                                                                                               \
+  ENGINE_TARGET_AVX512 static void name##_avx512(const Params& params) {                          \
+    impl<::engine::cpu::TileAvx512>(params);                                                      \
+  }                                                                                               \
+  static void name(const Params& params) {                                                        \
+    switch (::engine::cpu::cpu_isa()) {                                                           \
+      case ::engine::cpu::Isa::kAvx512: return name##_avx512(params);                             \
+      case ::engine::cpu::Isa::kAvx2: return name##_avx2(params);                                 \
+      case ::engine::cpu::Isa::kBase: return name##_base(params);                                 \
+    }                                                                                             \
+  }
+#else
+#define ENGINE_ISA_VARIANTS(name, impl, Params) \
+  static void name(const Params& params) { impl<::engine::cpu::TileBase>(params); }
+#endif
+
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
+constexpr float kLn2 = 0.6931471805599453f;     // ln(2)
+
+// 2^x for float x, vectorizable (no library call, no branch): 2^x = 2^n * 2^f with n = round(x)
+// and f = x - n in [-0.5, 0.5]; 2^f by a degree-6 polynomial fitted (weighted least squares, our
+// own fit) to a relative error of 2e-9, about 1 ulp after fp32 rounding; 2^n built in the
+// exponent bits. x <= -127 (including -inf) gives exactly 0, x >= 127 gives 2^127; NaN stays NaN.
+ENGINE_ALWAYS_INLINE float exp2_approx(float x) {
+  x = x < -127.0f ? -127.0f : x;
+  x = x > 127.0f ? 127.0f : x;
+  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (valid for |x| < 2^22).
+  const float n = (x + 12582912.0f) - 12582912.0f;
+  const float f = x - n;
+  float p = 1.535332630e-4f;
+  p = p * f + 1.339887460e-3f;
+  p = p * f + 9.618437502e-3f;
+  p = p * f + 5.550332471e-2f;
+  p = p * f + 2.402264791e-1f;
+  p = p * f + 6.931472029e-1f;
+  p = p * f + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;  // n = -127 gives 0.0f
+  float power_of_two;
+  std::memcpy(&power_of_two, &exponent_bits, sizeof(power_of_two));
+  return p * power_of_two;
+}
+
+ENGINE_ALWAYS_INLINE float exp_approx(float x) { return exp2_approx(x * kLog2e); }
+
+// erf(x) by Abramowitz & Stegun, Handbook of Mathematical Functions, formula 7.1.26:
+// 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-x^2), t = 1 / (1 + p |x|),
+// absolute error below 1.5e-7 (about one fp32 rounding step of values near 1).
+ENGINE_ALWAYS_INLINE float erf_approx(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const float y = 1.0f - poly * t * exp_approx(-ax * ax);
+  return x < 0.0f ? -y : y;
+}
+
+// tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 (exp overflows to 2^127 or underflows to 0);
+// absolute error about 2e-7 near 0, where the subtraction cancels.
+ENGINE_ALWAYS_INLINE float tanh_approx(float u) { return 1.0f - 2.0f / (exp2_approx(2.0f * kLog2e * u) + 1.0f); }
+
+constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+}  // namespace engine::cpu

@@ -1,0 +1,319 @@
+"""The `cpp` and `cuda` backends: the compiled ops of `engine._C` (csrc/), registered with torch.library.
+
+`engine._C` defines the schemas of the `engine` op library (csrc/ops.cpp) with CPU kernels
+(csrc/cpu/) and, when built with CUDA, CUDA kernels (csrc/cuda/). This module loads it on first
+use, registers a fake (shape) function and an autograd formula for every op, so that
+`torch.compile(fullgraph=True)` traces through them, and exposes the functions of the engine.ops
+API on top:
+
+- attention: attention_forward (saves lse) / attention_backward, flash-style, no T x T matrix.
+- ffn: composed here. pre = x @ w1^T (PyTorch matmul), hidden = bias_gelu(pre, b1),
+  y = hidden @ w2^T, out = bias_residual(y, b2, residual); the backward uses bias_gelu_backward
+  and PyTorch's matmul gradients.
+- layer_norm, cross_entropy: forward and backward kernels; linear_cross_entropy is the PyTorch
+  matmul followed by cross_entropy (the logits are materialized).
+Dropout is not implemented: dropout_p > 0 raises ValueError. Backends `cpp` (CPU tensors) and
+`cuda` (CUDA tensors) share these functions; the tensors' device picks the kernel.
+
+Building engine._C:
+- `pip install --no-build-isolation -e .` (install.sh) builds it with setup.py, with the CUDA
+  kernels when torch has CUDA and nvcc is present (see setup.py for the switches).
+- For development, `python -m engine.ops.extension --build` compiles the CPU ops just in time
+  with torch.utils.cpp_extension.load and ninja into build/jit/ (incremental: only changed
+  files recompile) and installs the library as engine/_C*.so, where `import engine._C` finds it
+  in new processes. `--vectorize-report` adds GCC's -fopt-info-vec-optimized (which loops
+  vectorized, and with what vector width).
+- `python -m engine.ops.extension` prints whether the ops load, and if not, why.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import math
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from engine.ops.backend import Backend
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Same flags as setup.py's CXX_FLAGS (see the reasons there).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+
+NOT_BUILT = ("not built: engine._C is missing; run `pip install --no-build-isolation -e .` "
+             "(or `python -m engine.ops.extension --build`)")
+
+
+@functools.cache
+def load() -> tuple[ModuleType | None, str]:
+    """Import engine._C once and register the Python side of its ops: (module, "") or (None, reason)."""
+    if importlib.util.find_spec("engine._C") is None:
+        return None, NOT_BUILT
+    try:
+        module = importlib.import_module("engine._C")
+    except (ImportError, OSError) as error:
+        return None, (f"engine._C failed to import ({type(error).__name__}: {error}); it was probably built "
+                      f"against another torch than {torch.__version__}: rebuild it")
+    _register_fakes()
+    _register_autograd()
+    return module, ""
+
+
+def has_cuda_kernels() -> bool:
+    """Whether engine._C was built with its CUDA kernels (a CUDAExtension build)."""
+    return load()[0] is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "engine::attention_forward", "CUDA")
+
+
+def cpp_availability() -> tuple[bool, str]:
+    module, reason = load()
+    return (True, "") if module is not None else (False, reason)
+
+
+def cuda_availability() -> tuple[bool, str]:
+    module, reason = load()
+    if module is None:
+        return False, reason
+    if not has_cuda_kernels():
+        return False, ("engine._C was built without CUDA kernels (CPU-only torch, nvcc not found, or "
+                       "ENGINE_SKIP_CUDA=1 at build time)")
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    return True, ""
+
+
+# ------------------------------------------------------------------ fake (shape) functions
+
+def _register_fakes() -> None:
+    register = torch.library.register_fake
+
+    @register("engine::attention_forward")
+    def _(q, k, v, causal, scale):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @register("engine::attention_backward")
+    def _(grad_out, q, k, v, out, lse, causal, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @register("engine::bias_gelu")
+    def _(pre, bias, tanh_approx):
+        return torch.empty_like(pre)
+
+    @register("engine::bias_gelu_backward")
+    def _(grad, pre, bias, tanh_approx):
+        return torch.empty_like(pre)
+
+    @register("engine::bias_residual")
+    def _(y, bias, residual):
+        dtype = torch.promote_types(y.dtype, residual.dtype)
+        if bias is not None:
+            dtype = torch.promote_types(dtype, bias.dtype)
+        return y.new_empty(y.shape, dtype=dtype)
+
+    @register("engine::layer_norm_forward")
+    def _(x, weight, bias, eps):
+        rows = x.shape[0]
+        return torch.empty_like(x), x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+
+    @register("engine::layer_norm_backward")
+    def _(grad_y, x, weight, mean, rstd):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+    @register("engine::cross_entropy_forward")
+    def _(logits, targets, ignore_index):
+        return logits.new_empty((), dtype=torch.float32), logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+    @register("engine::cross_entropy_backward")
+    def _(grad_loss, logits, targets, lse, ignore_index):
+        return torch.empty_like(logits)
+
+
+# ---------------------------------------------------------------------- autograd formulas
+# The auxiliary outputs (lse, mean, rstd) are marked non-differentiable: engine.ops never returns them.
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = torch.ops.engine.attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+    return grad_q, grad_k, grad_v, None, None
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    pre, bias, tanh_approx = inputs
+    ctx.save_for_backward(pre, bias)
+    ctx.tanh_approx = tanh_approx
+
+
+def _bias_gelu_backward(ctx, grad):
+    pre, bias = ctx.saved_tensors
+    grad_pre = torch.ops.engine.bias_gelu_backward(grad.contiguous(), pre, bias, ctx.tanh_approx)
+    # pre + bias broadcasts the bias over rows, so its gradient is the column sum of grad_pre.
+    grad_bias = None if bias is None else grad_pre.sum(0, dtype=torch.float32).to(bias.dtype)
+    return grad_pre, grad_bias, None
+
+
+def _bias_residual_setup(ctx, inputs, output):
+    y, bias, residual = inputs
+    ctx.dtypes = (y.dtype, None if bias is None else bias.dtype, residual.dtype)
+
+
+def _bias_residual_backward(ctx, grad):
+    y_dtype, bias_dtype, residual_dtype = ctx.dtypes
+    grad_bias = None if bias_dtype is None else grad.sum(0, dtype=torch.float32).to(bias_dtype)
+    return grad.to(y_dtype), grad_bias, grad.to(residual_dtype)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = torch.ops.engine.layer_norm_backward(grad_y.contiguous(), x, weight, mean, rstd)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, targets, lse)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(lse)
+
+
+def _cross_entropy_backward(ctx, grad_loss, _grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    grad_logits = torch.ops.engine.cross_entropy_backward(grad_loss, logits, targets, lse, ctx.ignore_index)
+    return grad_logits, None, None
+
+
+def _register_autograd() -> None:
+    register = torch.library.register_autograd
+    register("engine::attention_forward", _attention_backward, setup_context=_attention_setup)
+    register("engine::bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+    register("engine::bias_residual", _bias_residual_backward, setup_context=_bias_residual_setup)
+    register("engine::layer_norm_forward", _layer_norm_backward, setup_context=_layer_norm_setup)
+    register("engine::cross_entropy_forward", _cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+# ----------------------------------------------------------------- the engine.ops functions
+
+_ACTIVATIONS = ("gelu", "gelu_tanh")
+
+
+def _reject_dropout(op: str, dropout_p: float) -> None:
+    if dropout_p > 0.0:
+        raise ValueError(f"the cpp and cuda backends do not implement dropout in {op} (dropout_p={dropout_p}); "
+                         "train with dropout 0, or use the torch or reference backend")
+
+
+def attention(q, k, v, *, causal=True, scale=None, dropout_p=0.0):
+    _reject_dropout("attention", dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out, _ = torch.ops.engine.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), causal, float(scale))
+    return out  # (B, H, T, D)
+
+
+def ffn(x, w1, b1, w2, b2, residual, *, activation="gelu", dropout_p=0.0):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {_ACTIVATIONS}")
+    _reject_dropout("ffn", dropout_p)
+    rows = x.reshape(-1, x.shape[-1])  # (N, d_model)
+    pre = rows @ w1.t()  # (N, d_ff)
+    hidden = torch.ops.engine.bias_gelu(pre, b1, activation == "gelu_tanh")
+    y = hidden @ w2.t()  # (N, d_model)
+    out = torch.ops.engine.bias_residual(y, b2, residual.reshape(-1, residual.shape[-1]).contiguous())
+    return out.reshape(residual.shape)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    y, _, _ = torch.ops.engine.layer_norm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, float(eps))
+    return y.reshape(x.shape)
+
+
+def cross_entropy(logits, targets, *, ignore_index=-1):
+    loss, _ = torch.ops.engine.cross_entropy_forward(logits.contiguous(), targets.contiguous(), int(ignore_index))
+    return loss
+
+
+def linear_cross_entropy(x, weight, targets, *, ignore_index=-1):
+    return cross_entropy(x @ weight.t(), targets, ignore_index=ignore_index)
+
+
+OPS = {
+    "attention": attention,
+    "ffn": ffn,
+    "layer_norm": layer_norm,
+    "cross_entropy": cross_entropy,
+    "linear_cross_entropy": linear_cross_entropy,
+}
+
+CPP_BACKEND = Backend(name="cpp", devices=frozenset({"cpu"}), ops=OPS, availability=cpp_availability,
+                      dropout_ops=frozenset())
+CUDA_BACKEND = Backend(name="cuda", devices=frozenset({"cuda"}), ops=OPS, availability=cuda_availability,
+                       dropout_ops=frozenset())
+
+
+# ------------------------------------------------------------------------- JIT build, CLI
+
+def build_jit(verbose: bool = False, vectorize_report: bool = False) -> Path:
+    """Compile the CPU ops with ninja into build/jit/ and install the library as engine/_C<suffix>.
+
+    Loads the freshly built library into this process (torch's loader always does), so call it from
+    a process that has not imported engine._C, e.g. `python -m engine.ops.extension --build`.
+    """
+    from torch.utils.cpp_extension import load as load_extension
+
+    sources = [PROJECT_ROOT / "csrc" / "ops.cpp", *sorted((PROJECT_ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    build_directory = PROJECT_ROOT / "build" / "jit"
+    build_directory.mkdir(parents=True, exist_ok=True)
+    flags = CXX_FLAGS + (["-fopt-info-vec-optimized"] if vectorize_report else [])
+    load_extension(name="_C", sources=[str(s) for s in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                   build_directory=str(build_directory), verbose=verbose or vectorize_report)
+    target = PROJECT_ROOT / "engine" / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    shutil.copy2(build_directory / "_C.so", target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.ops.extension", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--build", action="store_true", help="JIT-compile the CPU ops and install engine/_C*.so")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    parser.add_argument("--vectorize-report", action="store_true",
+                        help="with --build: print GCC's report of the vectorized loops (forces a full rebuild)")
+    args = parser.parse_args(argv)
+    if args.build:
+        if args.vectorize_report:
+            shutil.rmtree(PROJECT_ROOT / "build" / "jit", ignore_errors=True)
+        print(f"built {build_jit(args.verbose, args.vectorize_report)}")
+        return 0
+    module, reason = load()
+    if module is None:
+        print(f"engine._C: {reason}")
+        return 1
+    print(f"engine._C: loaded from {module.__file__}; CPU kernels use {module.cpu_isa()}; "
+          f"CUDA kernels: {'yes' if has_cuda_kernels() else 'no'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""The compiled ops of engine._C: the `cpp` backend (CPU kernels) against `reference` and fp64 for every
+op and gradient, torch.library.opcheck of every op, torch.compile(fullgraph=True), a convergence run,
+each instruction-set variant of the kernels, the input checks; `gpu`-marked tests do the same for the
+`cuda` backend. Everything here skips, with the reason, when engine._C is not built."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import ops
+from engine.model import GPT, GPTConfig
+from engine.ops import extension
+from tests.tolerance import assert_within_reference_error, describe_mismatch
+
+MODULE, UNAVAILABLE_REASON = extension.load()
+pytestmark = pytest.mark.skipif(MODULE is None, reason=f"engine._C unavailable: {UNAVAILABLE_REASON}")
+
+CPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _grads(outputs, inputs, seed_grad):
+    return torch.autograd.grad(outputs, inputs, seed_grad, allow_unused=True)
+
+
+def compare_with_reference(fn_name, make_inputs, dtype, backend="cpp", device="cpu", kwargs=None):
+    """Run `reference` in fp64 and in dtype and `backend` in dtype on the same inputs; check the output
+    and the gradient of every floating-point input by the precision contract's 2x rule."""
+    kwargs = kwargs or {}
+    base = make_inputs()
+
+    def converted(to_dtype):
+        return [t.detach().to(device=device, dtype=to_dtype).requires_grad_() if t is not None and t.is_floating_point()
+                else (t.to(device) if t is not None else None) for t in base]
+
+    exact_in, reference_in, backend_in = converted(torch.float64), converted(dtype), converted(dtype)
+    exact = getattr(ops, fn_name)(*exact_in, backend="reference", **kwargs)
+    low_reference = getattr(ops, fn_name)(*reference_in, backend="reference", **kwargs)
+    actual = getattr(ops, fn_name)(*backend_in, backend=backend, **kwargs)
+    assert actual.dtype == low_reference.dtype, f"{fn_name}: dtype {actual.dtype} != reference's {low_reference.dtype}"
+    assert_within_reference_error(actual, low_reference, exact, f"{fn_name} output")
+    seed = torch.randn_like(exact) if exact.dim() else torch.ones_like(exact)
+    differentiable = [i for i, t in enumerate(base) if t is not None and t.is_floating_point()]
+    exact_grads = _grads(exact, [exact_in[i] for i in differentiable], seed)
+    reference_grads = _grads(low_reference, [reference_in[i] for i in differentiable], seed.to(low_reference.dtype))
+    actual_grads = _grads(actual, [backend_in[i] for i in differentiable], seed.to(actual.dtype))
+    for position, e, r, a in zip(differentiable, exact_grads, reference_grads, actual_grads):
+        assert a is not None, f"{fn_name}: no gradient for input {position}"
+        assert a.dtype == r.dtype, f"{fn_name}: grad of input {position} has dtype {a.dtype}, expected {r.dtype}"
+        assert_within_reference_error(a, r, e, f"{fn_name} grad of input {position}")
+
+
+# ------------------------------------------------------------------------ ops vs reference
+
+ATTENTION_SHAPES = [(1, 1, 1, 16), (2, 3, 37, 32), (1, 2, 64, 64), (2, 2, 130, 48), (1, 1, 200, 80)]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_matches_reference(shape, causal, dtype):
+    compare_with_reference("attention", lambda: [torch.randn(shape) for _ in range(3)], dtype,
+                           kwargs={"causal": causal})
+
+
+def test_attention_with_explicit_scale_and_large_scores():
+    # Scores of size ~40 exercise the running-max rescaling of the online softmax.
+    compare_with_reference("attention", lambda: [torch.randn(2, 2, 150, 32) * 3 for _ in range(3)], torch.float32,
+                           kwargs={"causal": True, "scale": 0.7})
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape,d_ff,bias", [((1, 16), 64, True), ((7, 96), 200, True), ((2, 5, 24), 40, False)])
+def test_ffn_matches_reference(shape, d_ff, bias, activation, dtype):
+    d_model = shape[-1]
+
+    def make():
+        return [torch.randn(shape), torch.randn(d_ff, d_model) * 0.2, torch.randn(d_ff) if bias else None,
+                torch.randn(d_model, d_ff) * 0.2, torch.randn(d_model) if bias else None, torch.randn(shape)]
+    compare_with_reference("ffn", make, dtype, kwargs={"activation": activation})
+
+
+def test_gelu_over_a_wide_range_of_inputs():
+    # Pre-activations from -12 to 12 cover both tails of erf and tanh.
+    def make():
+        return [torch.linspace(-12, 12, 999).reshape(9, 111), torch.eye(111) * 1.0, torch.zeros(111),
+                torch.eye(111) * 1.0, None, torch.zeros(9, 111)]
+    for activation in ("gelu", "gelu_tanh"):
+        compare_with_reference("ffn", make, torch.float32, kwargs={"activation": activation})
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape,bias", [((1, 96), True), ((7, 200), True), ((129, 64), False), ((2, 3, 40), True)])
+def test_layer_norm_matches_reference(shape, bias, dtype):
+    hidden = shape[-1]
+    compare_with_reference("layer_norm", lambda: [torch.randn(shape) * 3 + 1, torch.randn(hidden),
+                                                  torch.randn(hidden) if bias else None], dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rows,vocab,ignore", [(1, 65, False), (7, 1000, True), (129, 65, True)])
+def test_cross_entropy_matches_reference(rows, vocab, ignore, dtype):
+    def make():
+        targets = torch.randint(0, vocab, (rows,))
+        if ignore:
+            targets[::3] = -100
+        return [torch.randn(rows, vocab) * 2, targets]
+    compare_with_reference("cross_entropy", make, dtype, kwargs={"ignore_index": -100})
+
+
+def test_cross_entropy_with_every_row_ignored_is_nan_like_reference():
+    logits, targets = torch.randn(3, 5), torch.full((3,), -1)
+    assert torch.isnan(ops.cross_entropy(logits, targets, backend="cpp"))
+    assert torch.isnan(ops.cross_entropy(logits, targets, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_linear_cross_entropy_matches_reference(dtype):
+    def make():
+        targets = torch.randint(0, 65, (9,))
+        targets[2] = -1
+        return [torch.randn(9, 32), torch.randn(65, 32) * 0.3, targets]
+    compare_with_reference("linear_cross_entropy", make, dtype)
+
+
+def test_ffn_under_bf16_autocast_keeps_bf16_hidden_and_fp32_residual():
+    x, residual = torch.randn(6, 32), torch.randn(6, 32)
+    w1, b1, w2, b2 = torch.randn(64, 32) * 0.2, torch.randn(64), torch.randn(32, 64) * 0.2, torch.randn(32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.ffn(x, w1, b1, w2, b2, residual, backend="cpp")
+        expected = ops.ffn(x, w1, b1, w2, b2, residual, backend="reference")
+    assert out.dtype == expected.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=5e-2), describe_mismatch(out, expected, "ffn under autocast")
+
+
+# ------------------------------------------------------------------- instruction-set variants
+
+ISA_CHECK = textwrap.dedent("""
+    import torch
+    from engine import ops
+    from engine.ops import extension
+    module, reason = extension.load()
+    assert module is not None, reason
+    assert module.cpu_isa() == "{isa}", module.cpu_isa()
+    torch.manual_seed(0)
+    def check(name, actual, expected, tolerance):
+        error = (actual - expected).abs().max().item()
+        assert error < tolerance, f"{{name}}: max error {{error}} on {isa}"
+    q, k, v = (torch.randn(2, 2, 100, 48, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    expected = ops.attention(q, k, v, backend="reference")
+    grads = torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = ops.attention(q32, k32, v32, backend="cpp")
+    check("attention", out.double(), expected, 1e-5)
+    for name, g, e in zip("qkv", torch.autograd.grad(out, (q32, k32, v32), torch.ones_like(out)), grads):
+        check("grad " + name, g.double(), e, 1e-4)
+    x = torch.randn(5, 77) * 3
+    for activation in ("gelu", "gelu_tanh"):
+        check(activation, ops.ffn(x, torch.eye(77), None, torch.eye(77), None, x * 0, activation=activation, backend="cpp"),
+              ops.ffn(x, torch.eye(77), None, torch.eye(77), None, x * 0, activation=activation, backend="reference"), 1e-5)
+    weight, bias = torch.randn(77), torch.randn(77)
+    check("layer_norm", ops.layer_norm(x, weight, bias, backend="cpp"), ops.layer_norm(x, weight, bias, backend="reference"), 1e-5)
+    targets = torch.randint(0, 77, (5,))
+    check("cross_entropy", ops.cross_entropy(x, targets, backend="cpp"), ops.cross_entropy(x, targets, backend="reference"), 1e-5)
+    print("ok")
+""")
+
+
+def _supported_isas() -> list[str]:
+    order = ["base", "avx2", "avx512"]
+    return order[: order.index(MODULE.cpu_isa()) + 1] if MODULE is not None else []
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_lower_instruction_set_variants_match_reference(isa):
+    """The AVX-512 variant runs everywhere above; each lower variant is forced in a fresh process."""
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU runs {MODULE.cpu_isa()}, which does not include {isa}")
+    environment = {**os.environ, "ENGINE_CPU_ISA": isa, "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK.format(isa=isa)], capture_output=True, text=True,
+                            env=environment, cwd=PROJECT_ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_unknown_instruction_set_is_a_clear_error():
+    environment = {**os.environ, "ENGINE_CPU_ISA": "sse9", "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, "-c", "import torch, engine._C as C; C.cpu_isa()"], capture_output=True,
+                            text=True, env=environment, cwd=PROJECT_ROOT, timeout=120)
+    assert result.returncode != 0
+    assert "ENGINE_CPU_ISA must be base, avx2 or avx512, got 'sse9'" in result.stderr
+
+
+# ------------------------------------------------------------------------------- opcheck
+
+def _opcheck_samples(device="cpu", dtype=torch.float32):
+    """case id -> (op name, args) for every op, with gradients required where the op has an autograd formula."""
+    def tensor(*shape, grad=False, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(grad)
+
+    q, k, v = (tensor(2, 2, 33, 16, grad=True) for _ in range(3))
+    out, lse = torch.ops.engine.attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
+    x, weight, bias = tensor(5, 24, grad=True), tensor(24, grad=True), tensor(24, grad=True)
+    _, mean, rstd = torch.ops.engine.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5)
+    logits = tensor(6, 11, grad=True)
+    targets = torch.tensor([0, 3, -1, 10, 5, -1], device=device)
+    _, logits_lse = torch.ops.engine.cross_entropy_forward(logits.detach(), targets, -1)
+    grad_loss = torch.tensor(1.5, device=device)
+    return {
+        "attention_forward-causal": ("attention_forward", (q, k, v, True, 0.25)),
+        "attention_forward-full": ("attention_forward", (q, k, v, False, 0.25)),
+        "attention_backward": ("attention_backward",
+                               (tensor(2, 2, 33, 16), q.detach(), k.detach(), v.detach(), out, lse, True, 0.25)),
+        "bias_gelu-erf": ("bias_gelu", (tensor(5, 24, grad=True), tensor(24, grad=True), False)),
+        "bias_gelu-tanh-no-bias": ("bias_gelu", (tensor(5, 24, grad=True), None, True)),
+        "bias_gelu_backward": ("bias_gelu_backward", (tensor(5, 24), tensor(5, 24), tensor(24), True)),
+        "bias_residual": ("bias_residual", (tensor(5, 24, grad=True), tensor(24, grad=True), tensor(5, 24, grad=True))),
+        "bias_residual-no-bias": ("bias_residual", (tensor(5, 24, grad=True), None, tensor(5, 24, grad=True))),
+        "layer_norm_forward": ("layer_norm_forward", (x, weight, bias, 1e-5)),
+        "layer_norm_forward-no-bias": ("layer_norm_forward", (x, weight, None, 1e-5)),
+        "layer_norm_backward": ("layer_norm_backward", (tensor(5, 24), x.detach(), weight.detach(), mean, rstd)),
+        "cross_entropy_forward": ("cross_entropy_forward", (logits, targets, -1)),
+        "cross_entropy_backward": ("cross_entropy_backward", (grad_loss, logits.detach(), targets, logits_lse, -1)),
+    }
+
+
+OPCHECK_CASES = ["attention_forward-causal", "attention_forward-full", "attention_backward", "bias_gelu-erf",
+                 "bias_gelu-tanh-no-bias", "bias_gelu_backward", "bias_residual", "bias_residual-no-bias",
+                 "layer_norm_forward", "layer_norm_forward-no-bias", "layer_norm_backward", "cross_entropy_forward",
+                 "cross_entropy_backward"]
+
+
+def test_opcheck_covers_every_op():
+    samples = _opcheck_samples()
+    assert sorted(samples) == sorted(OPCHECK_CASES)
+    schemas = {name for name, _ in samples.values()}
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("engine::")}
+    assert schemas == registered
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck(case):
+    name, args = _opcheck_samples()[case]
+    torch.library.opcheck(getattr(torch.ops.engine, name).default, args)
+
+
+# -------------------------------------------------------------------- compile, convergence
+
+def _tiny_model(seed: int, n_layers: int = 2) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=48, d_model=32, n_heads=2, d_ff=64, n_layers=n_layers, max_seq_len=40))
+
+
+def test_compile_fullgraph_with_cpp_backend_matches_eager():
+    model = _tiny_model(0, n_layers=1)
+    idx, targets = torch.randint(0, 48, (2, 40)), torch.randint(0, 48, (2, 40))
+    ops.set_backend("cpp")
+    try:
+        eager_loss = model.loss(idx, targets)  # also fills the registry's cache, which compile then reads
+        eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+        torch._dynamo.reset()
+        compiled = torch.compile(model.loss, fullgraph=True)
+        compiled_loss = compiled(idx, targets)
+        compiled_grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    finally:
+        ops.set_backend("auto")
+        torch._dynamo.reset()
+    assert torch.allclose(compiled_loss, eager_loss, atol=1e-5), (compiled_loss.item(), eager_loss.item())
+    for (name, _), compiled_grad, eager_grad in zip(model.named_parameters(), compiled_grads, eager_grads):
+        assert torch.allclose(compiled_grad, eager_grad, atol=1e-5), describe_mismatch(compiled_grad, eager_grad, name)
+
+
+def _training_losses(backend: str, steps: int = 30) -> list[float]:
+    model = _tiny_model(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(2)
+    # Sequences that count up from a random start: learnable, so the loss falls within 30 steps.
+    starts = torch.randint(0, 48, (steps, 4, 1), generator=generator)
+    sequences = (starts + torch.arange(41)) % 48  # (steps, 4, 41)
+    losses = []
+    ops.set_backend(backend)
+    try:
+        for step in range(steps):
+            loss = model.loss(sequences[step, :, :-1], sequences[step, :, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        ops.set_backend("auto")
+    return losses
+
+
+def test_convergence_matches_reference():
+    reference_losses = _training_losses("reference")
+    cpp_losses = _training_losses("cpp")
+    assert cpp_losses[-1] < cpp_losses[0] - 0.5, f"the loss did not fall: {cpp_losses}"
+    for step, (c, r) in enumerate(zip(cpp_losses, reference_losses)):
+        assert math.isclose(c, r, rel_tol=2e-3), f"step {step}: cpp loss {c} vs reference {r}"
+
+
+# ---------------------------------------------------------------------- errors, availability
+
+def test_dropout_is_rejected_not_ignored():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"do not implement dropout in attention \(dropout_p=0.1\)"):
+        ops.attention(q, q, q, dropout_p=0.1, backend="cpp")
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"do not implement dropout in ffn \(dropout_p=0.2\)"):
+        ops.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, x, dropout_p=0.2, backend="cpp")
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        ops.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, x, activation="relu", backend="cpp")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: torch.ops.engine.attention_forward(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 5, 8),
+                                                torch.randn(1, 2, 4, 8), True, 1.0), "k must have q's shape"),
+    (lambda: torch.ops.engine.attention_forward(*(torch.randn(1, 2, 4, 8, dtype=torch.float64),) * 3, True, 1.0),
+     "q must be float32, float16 or bfloat16, got Double"),
+    (lambda: torch.ops.engine.attention_forward(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8),
+                                                True, 1.0), r"q must be 4-D \(B, H, T, D\)"),
+    (lambda: torch.ops.engine.attention_forward(*(torch.randn(1, 4, 2, 8).transpose(1, 2),) * 3, True, 1.0),
+     "q must be contiguous"),
+    (lambda: torch.ops.engine.bias_gelu(torch.randn(3, 8), torch.randn(7), False), r"bias must have shape \(8,\)"),
+    (lambda: torch.ops.engine.bias_residual(torch.randn(3, 8), None, torch.randn(3, 9)), "residual must have y's shape"),
+    (lambda: torch.ops.engine.layer_norm_forward(torch.randn(3, 8), torch.randn(9), None, 1e-5),
+     r"weight must have shape \(8,\)"),
+    (lambda: torch.ops.engine.cross_entropy_forward(torch.randn(3, 8), torch.tensor([1, 8, 2]), -1),
+     r"targets\[1\] = 8 is out of range for 8 classes"),
+    (lambda: torch.ops.engine.cross_entropy_forward(torch.randn(3, 8), torch.tensor([1, 2, 3], dtype=torch.int32), -1),
+     "targets must be int64, got Int"),
+])
+def test_bad_input_names_the_tensor(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_unbuilt_extension_says_why(monkeypatch):
+    monkeypatch.setattr(extension.importlib.util, "find_spec", lambda name: None)
+    module, reason = extension.load.__wrapped__()
+    assert module is None and reason.startswith("not built: engine._C is missing; run `pip install")
+    monkeypatch.setattr(extension, "load", lambda: (None, reason))
+    assert ops.available_backends()["cpp"] == (False, reason)
+    assert ops.available_backends()["cuda"] == (False, reason)
+
+
+def test_cpp_backend_is_available_and_auto_prefers_it_on_cpu():
+    assert ops.available_backends()["cpp"] == (True, "")
+    assert ops.resolve_name("attention", "cpu", "auto") == "cpp"
+    if not torch.cuda.is_available():
+        ok, reason = ops.available_backends()["cuda"]
+        assert not ok and reason
+
+
+# ------------------------------------------------------------------------------ CUDA ops
+
+def _require_cuda_kernels():
+    ok, reason = extension.cuda_availability()
+    assert ok, f"the cuda backend is unavailable on this GPU machine: {reason}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (2, 3, 77, 64), (1, 2, 300, 128), (2, 2, 129, 32), (1, 4, 1000, 64)])
+def test_cuda_attention_matches_reference(shape, causal, dtype):
+    _require_cuda_kernels()
+    compare_with_reference("attention", lambda: [torch.randn(shape) for _ in range(3)], dtype, backend="cuda",
+                           device="cuda", kwargs={"causal": causal})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape,d_ff,bias", [((7, 96), 200, True), ((2, 65, 128), 512, False)])
+def test_cuda_ffn_matches_reference(shape, d_ff, bias, activation, dtype):
+    _require_cuda_kernels()
+    d_model = shape[-1]
+
+    def make():
+        return [torch.randn(shape), torch.randn(d_ff, d_model) * 0.2, torch.randn(d_ff) if bias else None,
+                torch.randn(d_model, d_ff) * 0.2, torch.randn(d_model) if bias else None, torch.randn(shape)]
+    compare_with_reference("ffn", make, dtype, backend="cuda", device="cuda", kwargs={"activation": activation})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape,bias", [((7, 200), True), ((300, 768), False), ((2, 3, 1030), True)])
+def test_cuda_layer_norm_matches_reference(shape, bias, dtype):
+    _require_cuda_kernels()
+    hidden = shape[-1]
+    compare_with_reference("layer_norm", lambda: [torch.randn(shape) * 3 + 1, torch.randn(hidden),
+                                                  torch.randn(hidden) if bias else None], dtype, backend="cuda",
+                           device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(7, 1000), (129, 65), (64, 50257)])
+def test_cuda_cross_entropy_matches_reference(rows, vocab, dtype):
+    _require_cuda_kernels()
+
+    def make():
+        targets = torch.randint(0, vocab, (rows,))
+        targets[::3] = -1
+        return [torch.randn(rows, vocab) * 2, targets]
+    compare_with_reference("cross_entropy", make, dtype, backend="cuda", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_cuda_opcheck(case):
+    _require_cuda_kernels()
+    name, args = _opcheck_samples(device="cuda", dtype=torch.bfloat16)[case]
+    torch.library.opcheck(getattr(torch.ops.engine, name).default, args)
