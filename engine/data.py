@@ -263,10 +263,16 @@ class TokenData:
                     f"{seq_len + 1}; use more data or a smaller --max-seq-len"
                 )
 
-    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
-        """Random windows: inputs x (B, T) and next-token targets y (B, T), int64 on the CPU."""
+    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
+              rank: int = 0, world_size: int = 1):
+        """Random windows: inputs x (B, T) and next-token targets y (B, T), int64 on the CPU.
+
+        Under data parallelism every rank draws the same global batch of batch_size * world_size
+        windows and keeps slice `rank`: N ranks see exactly what one process with N times the batch sees.
+        """
         tokens = self.train if split == "train" else self.val
-        starts = torch.randint(len(tokens) - seq_len, (batch_size,), generator=generator).tolist()
+        starts = torch.randint(len(tokens) - seq_len, (batch_size * world_size,), generator=generator)
+        starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
         windows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]

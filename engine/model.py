@@ -230,12 +230,6 @@ class GPT(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("fc2.weight"):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
-        if config.pos_encoding == "sinusoidal":
-            # As in the Transformer paper: embeddings of std 1/sqrt(d) are multiplied by sqrt(d), so
-            # tokens and the fixed sinusoids (values in [-1, 1]) enter the residual stream at the same
-            # scale. With GPT-2's std of 0.02 the sinusoids drown the tokens and learning stalls for
-            # hundreds of steps. (Learned positions keep GPT-2's convention, for checkpoint interchange.)
-            nn.init.normal_(self.token_embedding.weight, mean=0.0, std=config.d_model ** -0.5)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -264,6 +258,9 @@ class GPT(nn.Module):
         if self.config.pos_encoding == "learned":
             x = x + self.position_embedding(torch.arange(past, past + T, device=idx.device))
         else:
+            # As in the Transformer paper the token embeddings are multiplied by sqrt(d_model): the fixed
+            # sinusoids have amplitude 1, and at GPT-2's init std of 0.02 they would drown the tokens
+            # (learning then stalls near the unigram loss for hundreds of steps).
             x = x * math.sqrt(self.config.d_model) + self.position_table[past:past + T].to(x.dtype)
         x = F.dropout(x, p=self.config.dropout, training=self.training)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shutil
 import sys
 import time
 import types
@@ -19,16 +20,23 @@ from pathlib import Path
 
 import torch
 
-from engine import ops
+from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from engine.data import load_token_data, save_tokenizer, tokenizer_from_dict
 from engine.errors import UsageError
-from engine.model import PRESETS, GPTConfig, preset
+from engine.model import GPT, PRESETS, GPTConfig, preset
 from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
 
-# Training settings that differ from TrainConfig's defaults when no flag says otherwise.
-GPU_DEFAULTS = {"preset": "default", "batch_size": 64, "max_steps": 5000}
-CPU_DEFAULTS = {"preset": "toy", "batch_size": 32, "max_steps": 2000}
+# The preset trained when --preset is not given.
+DEFAULT_PRESET = {"cuda": "default", "cpu": "toy"}
+# Training settings per preset where they differ from TrainConfig's defaults (flags override them).
+# toy: about 3 minutes on 2 CPU cores to a validation loss near 2; default: the classic char-level
+# Shakespeare recipe; gpt2: GPT-2 small's learning rate, 16 x 1024 tokens per micro-batch.
+PRESET_TRAINING = {
+    "toy": {"lr": 3e-3, "batch_size": 32, "max_steps": 2000},
+    "default": {"lr": 1e-3, "batch_size": 64, "max_steps": 5000},
+    "gpt2": {"lr": 6e-4, "batch_size": 16, "max_steps": 5000, "warmup_steps": 200},
+}
 # Fields a resumed run must keep: they define what the checkpoint's tokens mean.
 FIXED_ON_RESUME = ("data", "tokenizer")
 
@@ -115,9 +123,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def configs_for_new_run(args) -> tuple[str, GPTConfig, TrainConfig, torch.device]:
     train_flags = explicit_fields(args, TrainConfig)
     device = resolve_device(train_flags.get("device", "auto"))
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    preset_name = args.preset or defaults["preset"]
-    train_config = TrainConfig(**{k: v for k, v in defaults.items() if k != "preset"} | train_flags)
+    preset_name = args.preset or DEFAULT_PRESET[device.type]
+    train_config = TrainConfig(**PRESET_TRAINING[preset_name] | train_flags)
     model_config = preset(preset_name, **explicit_fields(args, GPTConfig))
     return preset_name, model_config, train_config, device
 
@@ -144,19 +151,33 @@ def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, 
     return GPTConfig.from_dict(saved_model), train_config, resolve_device(train_config.device)
 
 
-def prepare_out_dir(out_dir: Path, resuming_in_place: bool) -> None:
-    """Make sure the run folder can be written, and never overwrite another run's checkpoint."""
+def checkpoint_bytes(model_config: GPTConfig) -> int:
+    """About how large a checkpoint is: fp32 weights plus AdamW's two moments, plus 10%."""
+    with torch.device("meta"):
+        parameters = GPT(model_config).num_parameters()
+    return int(parameters * 4 * 3 * 1.1) + (1 << 20)
+
+
+def prepare_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int = 0) -> None:
+    """Make sure the run folder can be written and has room for checkpoints, and never overwrite
+    another run's checkpoint: all before training starts, not hours later."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output path {out_dir} exists and is not a folder")
     if not resuming_in_place and (out_dir / CHECKPOINT_NAME).exists():
         raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{rank}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+    # A save writes the new checkpoint beside the old one before replacing it: room for two.
+    free = shutil.disk_usage(out_dir).free
+    existing = (out_dir / CHECKPOINT_NAME).stat().st_size if (out_dir / CHECKPOINT_NAME).exists() else 0
+    if free + existing < 2 * needed_bytes:
+        raise UsageError(f"not enough free disk space in {out_dir} for checkpoints: about "
+                         f"{2 * needed_bytes / 1e6:,.0f} MB needed, {free / 1e6:,.0f} MB free")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +206,22 @@ def main(argv: list[str] | None = None) -> int:
                        " (no CUDA GPU: the small model that trains to a readable loss in minutes on a CPU;"
                        " --preset default trains the 6x512 model)")
 
+    context = distributed.setup(device.type)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    if train_config.fsdp and not context.enabled:
+        raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
+    try:
+        return train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place,
+                     tokenizer, banner)
+    finally:
+        distributed.teardown(context)
+
+
+def train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place, tokenizer,
+          banner) -> int:
+    """Load the data, check the run folder, build the Trainer, run it, print a sample."""
+    say = print if context.is_main else (lambda *a, **k: None)
     dtype = resolve_dtype(train_config.dtype, device)
     ops.set_backend(train_config.backend)
     data = load_token_data(train_config.data, train_config.tokenizer, tokenizer)
@@ -194,22 +231,27 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {data.tokenizer.vocab_size}")
         model_config = GPTConfig.from_dict(model_config.to_dict() | {"vocab_size": vocab_size})
     data.check_fits(model_config.max_seq_len)
-    prepare_out_dir(out_dir, resuming_in_place)
+    prepare_out_dir(out_dir, resuming_in_place, checkpoint_bytes(model_config), context.rank)
 
-    trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint)
-    config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
-    (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
+    trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint, context=context)
+    if context.is_main:
+        config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
+        (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
 
-    print(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "
+    parallel = f", {context.world_size} ranks ({'FSDP' if train_config.fsdp else 'DDP'})" if context.enabled else ""
+    say(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "
           f"{str(dtype).removeprefix('torch.')}, {train_config.max_steps} steps of "
           f"{trainer.tokens_per_step:,} tokens, corpus {data.source} ({len(data.train):,} train / "
-          f"{len(data.val):,} val tokens, {data.tokenizer.kind} vocabulary of {data.tokenizer.vocab_size})")
-    print(f"backends: {describe_backends(device.type)}; run folder {out_dir}")
+          f"{len(data.val):,} val tokens, {data.tokenizer.kind} vocabulary of {data.tokenizer.vocab_size}){parallel}")
+    say(f"backends: {describe_backends(device.type, model_config.dropout > 0)}; run folder {out_dir}")
     status = trainer.run()
-    if status == 0 and train_config.sample_tokens > 0:
-        print("sample:")
-        print(trainer.sample(train_config.sample_tokens))
+    if status == 0 and train_config.sample_tokens > 0 and context.is_main:
+        if train_config.fsdp:
+            say(f"(no sample under --fsdp; run python -m engine.sample --run {out_dir})")
+        else:
+            say("sample:")
+            say(trainer.sample(train_config.sample_tokens))
     return status
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine import ops
+from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from engine.distributed import Context
 from engine.data import TOKENIZERS, TokenData, save_tokenizer
 from engine.model import GPT, GPTConfig, option
 from engine.profiling import StepProfiler, enable_nvtx, nvtx_range
@@ -61,9 +62,13 @@ class TrainConfig:
     tensorboard: bool = option(False, "Mirror metrics.jsonl's scalars (losses, lr, tokens/s, grad norm) to "
                                       "<run folder>/tensorboard; needs the tensorboard package.")
     sample_tokens: int = option(300, "Tokens of generated text printed at the end (0: none).")
+    fsdp: bool = option(False, "Shard parameters, gradients and optimizer state with FSDP2 (under torchrun).")
+    max_bad_steps: int = option(20, "Stop after this many consecutive steps with a non-finite loss or gradient "
+                                    "norm (each is skipped, not applied).")
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval")
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
+                    "max_bad_steps")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -110,13 +115,17 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and LayerNorm parameters)."""
+    """AdamW with weight decay on matrices only (not on biases and LayerNorm parameters).
+
+    The fused implementation (CPU and CUDA) is used: it is the fastest, and it can skip a step on the
+    device through its `found_inf` tensor, which is how non-finite steps are dropped without a host sync.
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in parameters if p.dim() >= 2]
     no_decay = [p for p in parameters if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type in ("cpu", "cuda")
     )
 
 
@@ -149,42 +158,53 @@ class Trainer:
 
     def __init__(self, model_config: GPTConfig, config: TrainConfig, data: TokenData, out_dir: Path,
                  device: torch.device, dtype: torch.dtype, checkpoint: dict | None = None,
-                 log=print) -> None:
+                 log=print, context: Context = Context()) -> None:
         self.model_config = model_config
         self.config = config
         self.data = data
         self.out_dir = out_dir
         self.device = device
         self.dtype = dtype
-        self.log = log
+        self.context = context
+        self.log = log if context.is_main else (lambda *args, **kwargs: None)
         enable_nvtx(config.nvtx)
 
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = GPT(model_config).to(device)
+        self.train_module = distributed.wrap(self.model, context, device, config.fsdp)
         self.optimizer = make_optimizer(self.model, config, device)
+        torch.manual_seed(config.seed + context.rank)  # dropout differs across ranks
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
+        self.grad_norm = torch.zeros((), device=device)  # the last step's gradient norm, before clipping
+        # Non-finite steps, counted on the device and read at log intervals: the total skipped, the
+        # current run of consecutive ones, and the step where that run began.
+        self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_streak = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_streak_start = torch.zeros((), dtype=torch.long, device=device)
         if checkpoint is not None:
             self._restore(checkpoint)
         # The loss (forward, LM head and cross-entropy) is what each step runs; compile that.
-        self.loss_fn = torch.compile(self.model.loss) if config.compile else self.model.loss
-        self.tokens_per_step = config.batch_size * config.grad_accum * model_config.max_seq_len
+        self.loss_fn = torch.compile(self.train_module) if config.compile else self.train_module
+        self.tokens_per_step = config.batch_size * config.grad_accum * model_config.max_seq_len * context.world_size
         self.metrics_path = out_dir / "metrics.jsonl"
-        self.grad_norm = torch.zeros((), device=device)  # the last step's gradient norm, before clipping
         self.tensorboard = None  # a SummaryWriter while run() trains with config.tensorboard
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """Everything a resume needs (a collective under torchrun: every rank must call it)."""
+        model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
+        local_rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            local_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = {"data": self.data_generator.get_state(), "per_rank": distributed.gather_objects(local_rng, self.context)}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -194,25 +214,38 @@ class Trainer:
             "tokenizer": self.data.tokenizer.to_dict(),
             "data_source": self.data.source,
             "rng": rng,
+            "skipped_steps": int(self.skipped_steps.item()),
         }
 
     def _restore(self, checkpoint: dict) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer_state = checkpoint["optimizer"]
+        if optimizer_state.get("state"):
+            distributed.load_full_state(self.model, self.optimizer, checkpoint["model"], optimizer_state)
+        else:  # a fresh optimizer (e.g. a model imported from Hugging Face): only the weights to load
+            distributed.load_full_state(self.model, self.optimizer, checkpoint["model"],
+                                        distributed.full_state(self.model, self.optimizer)[1])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = checkpoint["step"]
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.elapsed = checkpoint.get("elapsed", 0.0)
-        torch.set_rng_state(checkpoint["rng"]["torch"])
+        self.skipped_steps.fill_(checkpoint.get("skipped_steps", 0))
         self.data_generator.set_state(checkpoint["rng"]["data"])
-        if "cuda" in checkpoint["rng"] and torch.cuda.is_available():
-            with contextlib.suppress(RuntimeError):  # a different GPU count: CUDA streams start fresh
-                torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        self._truncate_metrics(self.step)
+        per_rank = checkpoint["rng"].get("per_rank", [])
+        if len(per_rank) == self.context.world_size:  # same world size: every rank continues its own stream
+            local = per_rank[self.context.rank]
+            torch.set_rng_state(local["torch"])
+            if "cuda" in local and self.device.type == "cuda":
+                torch.cuda.set_rng_state(local["cuda"], self.device)
+        else:  # another world size: the data order is unchanged, dropout streams start afresh per rank
+            torch.manual_seed(self.config.seed + 1000 * self.step + self.context.rank)
+        if self.context.is_main:
+            self._truncate_metrics(self.step)
 
     def save(self) -> None:
-        save_checkpoint(self.state(), self.out_dir / CHECKPOINT_NAME)
+        state = self.state()  # every rank takes part in gathering; rank 0 writes
+        if self.context.is_main:
+            save_checkpoint(state, self.out_dir / CHECKPOINT_NAME)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics rows logged after the checkpoint we resume from (they will be logged again)."""
@@ -228,6 +261,8 @@ class Trainer:
 
     def _write_metrics(self, row: dict) -> None:
         """Append a row to metrics.jsonl (the record of the run) and mirror it to TensorBoard if enabled."""
+        if not self.context.is_main:
+            return
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
@@ -243,24 +278,34 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _batch(self, split: str, generator: torch.Generator):
-        x, y = self.data.batch(split, self.config.batch_size, self.model_config.max_seq_len, generator)
+        x, y = self.data.batch(split, self.config.batch_size, self.model_config.max_seq_len, generator,
+                               self.context.rank, self.context.world_size)
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss (on the device)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches.
+
+        Returns (loss, finite) on the device: the mean loss (0 for a skipped step) and whether the loss
+        and gradient norm were finite. A non-finite step changes no weights and no optimizer state.
+        """
         lr = learning_rate(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for _ in range(self.config.grad_accum):
+        for micro_step in range(self.config.grad_accum):
             x, y = self._batch("train", self.data_generator)
-            with nvtx_range("forward"), self.autocast():
-                loss = self.loss_fn(x, y)
-            with nvtx_range("backward"):
-                self.scaler.scale(loss / self.config.grad_accum).backward()
+            # Under DDP gradients are all-reduced on the last micro-step only.
+            last = micro_step == self.config.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.train_module, "no_sync") \
+                else self.train_module.no_sync()
+            with sync:
+                with nvtx_range("forward"), self.autocast():
+                    loss = self.loss_fn(x, y)
+                with nvtx_range("backward"):
+                    self.scaler.scale(loss / self.config.grad_accum).backward()
             total += loss.detach()
         with nvtx_range("optimizer"):
             self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling; the norm is of true gradients
@@ -269,28 +314,40 @@ class Trainer:
             else:
                 self.grad_norm = torch.nn.utils.get_total_norm(
                     [p.grad for p in self.model.parameters() if p.grad is not None])
+            self.grad_norm = distributed.plain_tensor(self.grad_norm)
+            mean_loss = total / self.config.grad_accum
+            finite = torch.isfinite(mean_loss) & torch.isfinite(self.grad_norm)  # stays on the device
+            if not self.scaler.is_enabled():
+                # The fused AdamW skips its update where found_inf is 1, on the device: no host sync.
+                # (With fp16, GradScaler does the same for its own inf checks.)
+                self.optimizer.found_inf = (~finite).float()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+        bad = (~finite).long()
+        self.skipped_steps += bad
+        self.bad_streak_start = torch.where(self.bad_streak == 0, self.step + 1, self.bad_streak_start)
+        self.bad_streak = (self.bad_streak + 1) * bad
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return total / self.config.grad_accum
+        return torch.where(finite, mean_loss, torch.zeros_like(mean_loss)), finite
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over eval_iters batches of each split, from a fixed generator (same batches each time)."""
         self.model.eval()
-        result = {}
+        means = []
         for split in ("train", "val"):
             generator = torch.Generator().manual_seed(self.config.seed + 1)
             losses = torch.zeros(self.config.eval_iters, device=self.device)
             for i in range(self.config.eval_iters):
                 x, y = self._batch(split, generator)
                 with self.autocast():
-                    losses[i] = self.model.loss(x, y)
-            result[split] = losses.mean().item()
+                    losses[i] = self.train_module(x, y)
+            means.append(losses.mean())
         self.model.train()
-        return result
+        train, val = distributed.mean_across_ranks(torch.stack(means), self.context).tolist()
+        return {"train": train, "val": val}
 
     # ------------------------------------------------------------------ loop
 
@@ -301,37 +358,53 @@ class Trainer:
         if start_step >= config.max_steps:
             self.log(f"checkpoint is at step {start_step}, max_steps is {config.max_steps}: nothing to train")
             return 0
-        interactive = sys.stderr.isatty()
+        interactive = sys.stderr.isatty() and self.context.is_main
         progress = tqdm(total=config.max_steps, initial=start_step, disable=not interactive, unit="step",
                         dynamic_ncols=True, leave=True)
         started = time.perf_counter()
         window_start, window_steps = started, 0
         running_loss = torch.zeros((), device=self.device)
         running_grad_norm = torch.zeros((), device=self.device)
-        if config.tensorboard:
+        finite_steps = torch.zeros((), device=self.device)
+        stop_reason = None
+        if config.tensorboard and self.context.is_main:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked for
             # purge_step drops events a previous attempt logged after the checkpoint we resume from.
             self.tensorboard = SummaryWriter(self.out_dir / "tensorboard", purge_step=start_step or None)
-        profiler = StepProfiler(self.out_dir / "trace.json", config.profile, cuda=self.device.type == "cuda",
-                                log=progress.write)
+        say = progress.write if interactive else self.log  # a line that does not break the progress bar
+        profiler = StepProfiler(self.out_dir / "trace.json", config.profile and self.context.is_main,
+                                cuda=self.device.type == "cuda", log=say)
         last_saved_step = start_step
         exit_status = 0
         with StopRequest() as stop:
             while self.step < config.max_steps:
                 with torch.profiler.record_function("train_step"):
-                    running_loss += self.train_step()
-                    running_grad_norm += self.grad_norm
+                    loss, finite = self.train_step()
+                    running_loss += loss
+                    running_grad_norm += torch.where(finite, self.grad_norm, torch.zeros_like(self.grad_norm))
+                    finite_steps += finite
                 profiler.step()
                 window_steps += 1
                 progress.update(1)
                 now = time.perf_counter()
-                if self.step % config.log_interval == 0 or self.step == config.max_steps:
-                    # The one host sync per log interval.
-                    loss, grad_norm = (torch.stack([running_loss, running_grad_norm]) / window_steps).tolist()
+                log_step = self.step % config.log_interval == 0 or self.step == config.max_steps
+                if log_step:
+                    # The one host sync per log interval (and, under torchrun, one all_reduce).
+                    sums = distributed.mean_across_ranks(torch.stack([running_loss, running_grad_norm]), self.context)
+                    counts = torch.stack([finite_steps, self.skipped_steps.float(), self.bad_streak.float(),
+                                          self.bad_streak_start.float()])
+                    (loss_sum, grad_norm_sum), (good, skipped, streak, streak_start) = sums.tolist(), counts.tolist()
+                    loss = loss_sum / good if good else float("nan")
+                    grad_norm = grad_norm_sum / good if good else float("nan")
                     tokens_per_s = window_steps * self.tokens_per_step / max(now - window_start, 1e-9)
                     row = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, config),
                            "tokens_per_s": tokens_per_s, "tokens": self.tokens_seen,
-                           "elapsed_s": self.elapsed + now - started, "grad_norm": grad_norm}
+                           "elapsed_s": self.elapsed + now - started, "grad_norm": grad_norm,
+                           "skipped_steps": int(skipped)}
+                    if streak >= config.max_bad_steps:
+                        stop_reason = (f"stopping: the loss or gradient norm was not finite for {int(streak)} "
+                                       f"consecutive steps since step {int(streak_start)} (each was skipped); "
+                                       f"lower --lr or check the data")
                     self._write_metrics(row)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     if not interactive:
@@ -339,20 +412,24 @@ class Trainer:
                                  f"{tokens_per_s:,.0f} tok/s")
                     running_loss.zero_()
                     running_grad_norm.zero_()
+                    finite_steps.zero_()
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
                     eval_started = time.perf_counter()
                     losses = self.evaluate()
                     self._write_metrics({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
                                          "tokens": self.tokens_seen})
-                    progress.write(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     self.elapsed += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save()
                     last_saved_step = self.step
                     window_start += time.perf_counter() - eval_started  # tokens/s counts training time only
                 out_of_time = config.max_time is not None and self.elapsed + time.perf_counter() - started >= config.max_time
-                if stop.signal_number is not None or out_of_time:
+                wants_stop = stop.signal_number is not None or out_of_time or stop_reason is not None
+                # Ranks must stop at the same step; under torchrun they agree at log steps only.
+                if distributed.any_rank(wants_stop, self.context, self.device) if log_step else (
+                        wants_stop and not self.context.enabled):
                     break
             self.elapsed += time.perf_counter() - started
             profiler.close()
@@ -362,12 +439,15 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.close()
                 self.tensorboard = None
-            if stop.signal_number is not None:
+            if stop_reason is not None:
+                self.log(f"{stop_reason}; the checkpoint at step {self.step} holds the last good weights")
+                exit_status = 1
+            elif stop.signal_number is not None:
                 name = signal.Signals(stop.signal_number).name
                 self.log(f"{name} received: saved the checkpoint at step {self.step}; "
                          f"continue with --resume {self.out_dir}")
                 exit_status = 128 + stop.signal_number
-            elif self.step < config.max_steps:
+            elif self.step < config.max_steps and out_of_time:
                 self.log(f"max_time reached at step {self.step}: checkpoint saved; continue with --resume {self.out_dir}")
         return exit_status
 
@@ -384,9 +464,12 @@ class Trainer:
         return tokenizer.decode(out[0, len(start):].tolist())
 
 
-def describe_backends(device_type: str) -> str:
-    """A line naming the backend each op resolves to on the device (for the start-up banner)."""
+def describe_backends(device_type: str, dropout: bool = False) -> str:
+    """Resolve every op for the device now (so the first training step, possibly under torch.compile,
+    finds them resolved) and name the backend of each, for the start-up banner."""
     parts = []
     for op in ("attention", "ffn", "layer_norm", "linear_cross_entropy"):
-        parts.append(f"{op}={ops.resolve_name(op, device_type)}")
+        with_dropout = dropout and op in ("attention", "ffn")
+        ops.resolve(op, device_type, dropout=with_dropout)
+        parts.append(f"{op}={ops.resolve_name(op, device_type, dropout=with_dropout)}")
     return ", ".join(parts)

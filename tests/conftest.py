@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# One BLAS thread: the Triton interpreter's tl.dot is a small numpy matmul, which a second thread
+# only slows down (badly so on a loaded machine). Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -28,6 +28,7 @@ __all__ = [
     "get_backend",
     "layer_norm",
     "linear_cross_entropy",
+    "resolve",
     "resolve_name",
     "set_backend",
 ]
@@ -41,8 +42,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     causal:    query i sees keys 0..i only.
     scale:     multiplies the scores; default 1/sqrt(D).
     dropout_p: dropout on the attention weights (pass 0.0 in evaluation).
+
+    KV-cache decoding passes fewer queries than keys (q (B, H, T_q, D), k and v (B, H, T_k, D),
+    causal=False). The fused kernels cover the training case T_q = T_k only, so such calls run on
+    the `torch` backend (PyTorch's SDPA), whatever backend is chosen.
     """
-    return resolve("attention", q.device.type, backend)(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
+    if q.shape[-2] != k.shape[-2]:
+        if causal:
+            raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
+        backend = "torch"
+    implementation = resolve("attention", q.device.type, backend, dropout=dropout_p > 0)
+    return implementation(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
 
 
 def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
@@ -54,7 +64,7 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
     w2: (d_model, d_ff); b2: (d_model,) or None (nn.Linear layout). Returns (..., d_model).
     activation: "gelu" (exact, erf) or "gelu_tanh" (GPT-2's tanh approximation).
     """
-    return resolve("ffn", x.device.type, backend)(
+    return resolve("ffn", x.device.type, backend, dropout=dropout_p > 0)(
         x, w1, b1, w2, b2, residual, activation=activation, dropout_p=dropout_p
     )
 

@@ -23,12 +23,15 @@ class Backend:
                   engine.ops (minus the `backend` keyword).
     availability: returns (True, "") when the backend can run in this process, or
                   (False, reason) where the reason says what is missing, e.g. "no CUDA GPU".
+    dropout_ops:  the ops whose dropout_p > 0 it implements. When dropout is asked for, `auto`
+                  passes over a backend without it; an explicit choice raises a clear error.
     """
 
     name: str
     devices: frozenset[str]
     ops: dict[str, Callable] = field(default_factory=dict)
     availability: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    dropout_ops: frozenset[str] = frozenset({"attention", "ffn"})
 
     def __post_init__(self) -> None:
         unknown = set(self.ops) - set(OP_NAMES)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
 from typing import Callable
 
 from engine.ops.backend import OP_NAMES, Backend
@@ -44,22 +43,24 @@ class BackendError(ValueError):
     """An explicit backend choice that cannot run the requested op here."""
 
 
-_lock = threading.Lock()
 _loaded: dict[str, Backend | Exception] = {}
-_resolved: dict[tuple[str, str, str], Callable] = {}
+_resolved: dict[tuple[str, str, str, bool], Callable] = {}
 _current = "auto"
 
 
 def _load(name: str) -> Backend | Exception:
-    """Import the backend module once; an import failure is remembered as the reason."""
-    with _lock:
-        if name not in _loaded:
-            module_name, attribute = BACKEND_LOCATIONS[name].split(":")
-            try:
-                _loaded[name] = getattr(importlib.import_module(module_name), attribute)
-            except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
-                _loaded[name] = exc
-        return _loaded[name]
+    """Import the backend module once; an import failure is remembered as the reason.
+
+    (No lock: Python's import lock already serializes the import, and a lock would stop
+    torch.compile from tracing through a first resolution.)
+    """
+    if name not in _loaded:
+        module_name, attribute = BACKEND_LOCATIONS[name].split(":")
+        try:
+            _loaded[name] = getattr(importlib.import_module(module_name), attribute)
+        except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+            _loaded[name] = exc
+    return _loaded[name]
 
 
 def _availability(name: str) -> tuple[bool, str]:
@@ -102,18 +103,22 @@ def get_backend() -> str:
     return _current
 
 
-def _supports(name: str, op: str, device_type: str) -> bool:
+def _supports(name: str, op: str, device_type: str, dropout: bool) -> bool:
     backend = _load(name)
     return (
         not isinstance(backend, Exception)
         and backend.availability()[0]
         and device_type in backend.devices
         and op in backend.ops
+        and (op in backend.dropout_ops or not dropout)
     )
 
 
-def resolve_name(op: str, device_type: str, backend: str | None = None) -> str:
-    """The backend name that runs `op` on `device_type` for the given (or process-wide) choice."""
+def resolve_name(op: str, device_type: str, backend: str | None = None, dropout: bool = False) -> str:
+    """The backend name that runs `op` on `device_type` for the given (or process-wide) choice.
+
+    dropout: the call asks for dropout_p > 0 (auto then skips backends that do not implement it).
+    """
     if op not in OP_NAMES:
         raise ValueError(f"unknown op {op!r}; known ops: {OP_NAMES}")
     choice = _current if backend is None else backend
@@ -128,20 +133,20 @@ def resolve_name(op: str, device_type: str, backend: str | None = None) -> str:
             raise BackendError(f"backend {choice!r} does not implement {op!r}; use --backend auto to fall back")
         return choice
     for name in AUTO_PREFERENCE.get(device_type, ()):
-        if _supports(name, op, device_type):
+        if _supports(name, op, device_type, dropout):
             return name
     return "reference"
 
 
-def resolve(op: str, device_type: str, backend: str | None = None) -> Callable:
+def resolve(op: str, device_type: str, backend: str | None = None, dropout: bool = False) -> Callable:
     """The implementation of `op` for tensors on `device_type` (cached per choice)."""
     choice = _current if backend is None else backend
-    key = (op, device_type, choice)
+    key = (op, device_type, choice, dropout)
     implementation = _resolved.get(key)
     if implementation is None:
-        name = resolve_name(op, device_type, choice)
+        name = resolve_name(op, device_type, choice, dropout)
         if choice == "auto":
-            log.info("backend auto: %s on %s runs on %r", op, device_type, name)
+            log.info("backend auto: %s on %s%s runs on %r", op, device_type, " with dropout" if dropout else "", name)
         implementation = _load(name).ops[op]
         _resolved[key] = implementation
     return implementation

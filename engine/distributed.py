@@ -1,0 +1,130 @@
+"""Data-parallel training on PyTorch's own distributed stack (torchrun + DDP or FSDP2).
+
+`torchrun --nproc_per_node=N -m engine.train ...` sets RANK, LOCAL_RANK and WORLD_SIZE; `setup()`
+then joins the process group (NCCL on GPUs, gloo on CPUs) and pins each rank to its GPU. There is
+no communication layer of our own: gradients are all-reduced by DDP (or reduce-scattered by
+FSDP), and the few scalars the trainer needs (logged loss, stop requests) go through all_reduce.
+
+Data: every rank draws the same global batch of batch_size x world_size windows from one shared
+generator and keeps its own slice, so N ranks with batch b see exactly the data of one process
+with batch N*b, and a checkpoint resumes under any world size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits in the job: rank 0 of 1 when not launched by torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_type: str) -> Context:
+    """Join the torchrun job described by the environment (a no-op for a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Context(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown(context: Context) -> None:
+    if context.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across_ranks(values: torch.Tensor, context: Context) -> torch.Tensor:
+    """The element-wise mean of `values` over all ranks (the tensor itself for one process)."""
+    if context.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= context.world_size
+    return values
+
+
+def any_rank(flag: bool, context: Context, device: torch.device) -> bool:
+    """True if `flag` is set on any rank: how ranks agree to stop at the same step."""
+    if not context.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(obj, context: Context) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not context.enabled:
+        return [obj]
+    gathered: list = [None] * context.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def plain_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A regular tensor from a DTensor (e.g. the gradient norm of FSDP-sharded parameters)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+class LossModule(nn.Module):
+    """The model's training objective as a module, so DDP and FSDP hooks see a forward() call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(idx, targets)
+
+
+def wrap(model: nn.Module, context: Context, device: torch.device, fsdp: bool) -> nn.Module:
+    """The module to train: the loss wrapped in DDP, or sharded with FSDP2 (`fully_shard`) per block."""
+    objective = LossModule(model)
+    if fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+            from torch.distributed._composable.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(objective)
+    if not context.enabled:
+        return objective
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state keyed by parameter name, the same under DDP, FSDP or
+    one process (a collective under FSDP: every rank must call it)."""
+    return get_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
