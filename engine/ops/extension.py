@@ -12,7 +12,8 @@ API on top:
   and PyTorch's matmul gradients.
 - layer_norm, cross_entropy: forward and backward kernels; linear_cross_entropy is the PyTorch
   matmul followed by cross_entropy (the logits are materialized).
-Dropout is not implemented: dropout_p > 0 raises ValueError. Backends `cpp` (CPU tensors) and
+Dropout is not implemented: dropout_p > 0 raises ValueError (and `auto` picks another backend for
+such calls, as the records' empty dropout_ops say). Backends `cpp` (CPU tensors) and
 `cuda` (CUDA tensors) share these functions; the tensors' device picks the kernel.
 
 Building engine._C:

@@ -64,4 +64,5 @@ BACKEND = Backend(
         "linear_cross_entropy": linear_cross_entropy,
     },
     availability=availability,
+    dropout_ops=frozenset({"ffn"}),  # attention dropout is not implemented in the Triton kernel
 )
