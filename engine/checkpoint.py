@@ -47,6 +47,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
         if temporary.exists():
             temporary.unlink()
     fsync_directory(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-save
+        stale.unlink(missing_ok=True)
 
 
 def checkpoint_path(location: str | Path) -> Path:
