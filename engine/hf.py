@@ -34,7 +34,7 @@ import torch
 
 from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.data import IdTokenizer, is_nanogpt_folder, load_tokenizer, save_tokenizer
-from engine.errors import UsageError
+from engine.errors import UsageError, run_cli
 from engine.model import GPT, GPTConfig
 from engine.sample import HF_TOKENIZER_DIR, checkpoint_file, load_model
 from engine.train import ArgumentParser
@@ -330,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry_point(argv: list[str] | None = None) -> int:
     """main() with bad input turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except (UsageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

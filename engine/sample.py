@@ -25,7 +25,7 @@ import torch
 from engine import ops
 from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from engine.data import tokenizer_from_dict
-from engine.errors import UsageError
+from engine.errors import UsageError, run_cli
 from engine.model import GPT, GPTConfig
 from engine.train import ArgumentParser, resolve_device, resolve_dtype
 from engine.trainer import DTYPES
@@ -202,11 +202,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
 
 def entry_point(argv: list[str] | None = None) -> int:
     """main() with bad input turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except (UsageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from engine.data import load_token_data, save_tokenizer, tokenizer_from_dict
-from engine.errors import UsageError
+from engine.errors import UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
 from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
 
@@ -257,11 +257,7 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
 
 def entry_point(argv: list[str] | None = None) -> int:
     """main() with bad input turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except (UsageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.distributed import Context
-from engine.data import TOKENIZERS, TokenData, save_tokenizer
+from engine.data import TOKENIZERS, TokenData
 from engine.model import GPT, GPTConfig, option
 from engine.profiling import StepProfiler, enable_nvtx, nvtx_range
 

@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
-from engine.errors import UsageError
+from engine.errors import UsageError, run_cli
 from engine.model import GPT, sinusoidal_positions
 from engine.sample import checkpoint_file, load_model
 from engine.train import ArgumentParser
@@ -293,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry_point(argv: list[str] | None = None) -> int:
     """main() with bad input turned into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except (UsageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Faults a long run meets: SIGKILL at any moment, non-finite steps, a full disk, hostile data."""
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
