@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = "Friends, Romans, countrymen, lend me your ears;\nI come to bury Caesar, not to praise him.\n" * 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: a second intra-op thread gains nothing and stalls badly on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hf_model(vocab_size=61, activation="gelu_new", n_layer=2):

@@ -23,13 +23,7 @@ def tiny_model(pos_encoding: str, max_seq_len: int = 16, seed: int = 0) -> GPT:
     return GPT(config).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: a second intra-op thread gains nothing and stalls badly on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)
