@@ -14,13 +14,14 @@ below the diagonal skip the mask arithmetic; only the block(s) on it apply it. T
 lse (fp32) for the backward. Exponentials run in base 2 (exp2 with the scale folded into
 log2(e) * s), which is what the hardware computes natively.
 
-Backward: a small kernel first computes Delta_i = rowsum(dO_i * O_i). Then two kernels recompute
-P block by block from Q, K and the saved lse (no T x T matrix is stored or materialized):
-  - one program per block of keys accumulates dK and dV over the query blocks at or below the
-    diagonal;
-  - one program per block of queries accumulates dQ over the key blocks at or left of the diagonal.
-Each gradient row is owned by exactly one program: no atomics, so results are deterministic
-(bitwise repeatable run to run).
+Backward: a small kernel first computes Delta_i = rowsum(dO_i * O_i). Then one kernel recomputes
+P block by block from Q, K and the saved lse (no T x T matrix is stored or materialized); its
+program j works in two phases:
+  - dK and dV of key block j, accumulated over the query blocks at or below the diagonal;
+  - dQ of query block j, accumulated over the key blocks at or left of the diagonal.
+Under the causal mask the two phases' work is complementary (late key blocks meet few queries,
+late query blocks many keys), so every program does about the same work. Each gradient row is
+written by exactly one program: no atomics, so results are deterministic (bitwise repeatable).
 
 Supported inputs: q (B, H, T_q, D) and k, v (B, H, T_k, D) with the same dtype and device; any
 T_q, T_k >= 1, equal when causal (query i sees keys 0..i); T_q != T_k serves a decode step over a
@@ -35,10 +36,12 @@ Caveats:
     `reference` backend for a model trained with attention dropout).
   - fp32 inputs use exact fp32 products ("ieee") unless torch.get_float32_matmul_precision() allows
     TF32 ("high" or "medium"), mirroring PyTorch's own matmuls.
-  - Block sizes are autotuned on a GPU per (D, dtype, causal, power-of-two buckets of T_q and T_k),
-    so the first call at a new shape benchmarks several configurations. Under TRITON_INTERPRET=1
-    (CPU) one fixed configuration is used: the interpreter cannot autotune, and it is slow (tests).
-  - bf16 runs on a GPU only: the interpreter's bf16 tl.dot is wrong (PLATFORM.md).
+  - Block sizes are autotuned on a GPU per (D, dtype, causal, power-of-two buckets of T_q and T_k)
+    among a few candidates per kind of input, so the first call at a new shape compiles and times
+    them (seconds). Under TRITON_INTERPRET=1 (CPU) one fixed configuration is used: the interpreter
+    cannot autotune, and it is slow (for tests).
+  - bf16 runs on a GPU only: the interpreter's bf16 tl.dot is wrong (PLATFORM.md), so check_inputs
+    refuses bf16 under TRITON_INTERPRET=1.
   - The torch.library registration (autograd, torch.compile support) lives in
     engine/ops/triton/attention.py; this file holds the kernels and their launchers.
 """
@@ -57,38 +60,58 @@ LN_2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN_2
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(blocks: list[tuple[int, int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
-    return [triton.Config({names[0]: major, names[1]: minor}, num_warps=warps, num_stages=stages)
-            for major, minor, warps, stages in blocks]
-
-
-# (rows owned by a program, rows per inner step, num_warps, num_stages). The owned block must be a
-# multiple of the step: the causal split into unmasked and diagonal steps relies on it. The GPU lists
-# cover what suits an H100 for D = 16..128 in fp16/bf16 (large owned blocks to reuse the loaded
-# tile, 4 or 8 warps, 3 to 5 pipeline stages); configurations that run out of shared memory at a
-# given D are discarded by the autotuner. The interpreter gets one configuration with big blocks:
-# its cost grows with programs x loop steps, not with tile size.
+# Candidate block sizes: (rows owned by a program, rows per inner step, num_warps, num_stages), per
+# kind of input. The owned block must be a multiple of the step (the causal split into unmasked and
+# diagonal steps relies on it). The lists were checked by compiling every entry for sm_90 with
+# Triton 3.6 and reading ptxas' register report: they fit in shared memory and, for 16-bit inputs,
+# do not spill registers (or spill a few bytes), where for example 128-row blocks with 4 warps at
+# D = 128 spill kilobytes. fp32 runs tl.dot without tensor cores (exact "ieee" products), which
+# needs far more registers: small tiles only. The autotuner times what remains on the GPU.
+# The interpreter gets one configuration with big blocks: its cost grows with programs x loop steps.
 if INTERPRETING:
-    _FORWARD_BLOCKS = [(64, 64, 4, 1)]
-    _BACKWARD_BLOCKS = [(64, 64, 4, 1)]
+    _FORWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
+    _BACKWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
 else:
-    _FORWARD_BLOCKS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-                       (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
-    _BACKWARD_BLOCKS = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 32, 8, 3), (128, 64, 8, 3),
-                        (64, 32, 4, 3), (64, 64, 4, 3), (64, 16, 4, 4)]
+    _FORWARD_BLOCKS = {
+        "16-bit, D <= 64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+                            (64, 32, 4, 4)],
+        "16-bit, D = 128": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+        "fp32": [(32, 32, 4, 2), (64, 32, 8, 2)],
+    }
+    _BACKWARD_BLOCKS = {
+        "16-bit, D <= 64": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)],
+        "16-bit, D = 128": [(64, 32, 8, 3), (128, 16, 8, 3), (64, 16, 8, 3), (128, 32, 8, 4), (32, 32, 4, 3)],
+        "fp32": [(32, 16, 4, 2), (32, 32, 8, 2)],
+    }
 _DELTA_BLOCK_M = 64
 # Autotuning is keyed on power-of-two buckets of the lengths (plus D, causal and the dtypes), so
 # generation, whose key length grows by one each step, does not re-tune at every length.
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
 
 
+def _input_kind(head_dim: int, dtype: torch.dtype) -> str:
+    if INTERPRETING:
+        return "interpreter"
+    if dtype == torch.float32:
+        return "fp32"
+    return "16-bit, D = 128" if head_dim == 128 else "16-bit, D <= 64"
+
+
+def _autotune(blocks_by_kind: dict[str, list[tuple[int, int, int, int]]], names: tuple[str, str]):
+    """@triton.autotune over every listed configuration, pruned at launch to the inputs' kind."""
+    blocks = list(dict.fromkeys(block for blocks in blocks_by_kind.values() for block in blocks))
+    configs = [triton.Config({names[0]: major, names[1]: minor}, num_warps=warps, num_stages=stages)
+               for major, minor, warps, stages in blocks]
+
+    def keep_inputs_kind(configs, named_args, **kwargs):
+        wanted = blocks_by_kind[_input_kind(kwargs["HEAD_DIM"], named_args["Q"].dtype)]
+        return [config for config in configs
+                if (config.kwargs[names[0]], config.kwargs[names[1]], config.num_warps, config.num_stages) in wanted]
+
+    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": keep_inputs_kind})
+
+
 # ----------------------------------------------------------------------------------- kernels
-
-@triton.jit
-def _head_offset(bh, H, stride_b, stride_h):
-    """Element offset of (batch, head) = divmod(bh, H) in a tensor with the given strides (int64)."""
-    return (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-
 
 @triton.jit
 def _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T_K, qk_scale,
@@ -96,34 +119,46 @@ def _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
                    DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi): fold each block's scores into (acc, m_i, l_i).
 
-    Scores are in base-2 units (qk_scale = s * log2 e). MASKED applies the bounds mask (keys >= T_K)
-    and, when IS_CAUSAL, the causal mask (key > query); unmasked steps must lie fully in bounds and
-    at or below the diagonal.
+    Scores are in base-2 units (qk_scale = s * log2 e). Per block:
         m_new = max(m, rowmax(S_blk))     P_blk = exp2(S_blk - m_new)     alpha = exp2(m - m_new)
         l = alpha * l + rowsum(P_blk)     acc = alpha * acc + P_blk V_blk
+    MASKED applies the bounds mask (keys >= T_K) and, when IS_CAUSAL, the causal mask (key > query).
+    Unmasked calls must cover only full, in-bounds blocks at or below the diagonal: they load
+    without masks and skip the mask arithmetic.
     """
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_in_bounds = offs_n < T_K
-        kT = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=key_in_bounds[None, :], other=0.0)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None]  # (D, BLOCK_N): K^T
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, D)
+    k_step = BLOCK_N * stride_kt
+    v_step = BLOCK_N * stride_vt
+    for _ in range(lo, hi, BLOCK_N):
+        if MASKED:
+            key_in_bounds = offs_n < T_K
+            kT = tl.load(kT_ptrs, mask=key_in_bounds[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=key_in_bounds[:, None], other=0.0)
+        else:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = key_in_bounds[None, :]
             if IS_CAUSAL:
                 visible = visible & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(visible, s, float("-inf"))
+            offs_n += BLOCK_N
         # Every row sees key 0 in the first block it processes, so m_new is finite from then on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old maximum
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+        kT_ptrs += k_step
+        v_ptrs += v_step
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(_FORWARD_BLOCKS, ("BLOCK_M", "BLOCK_N")), key=_TUNING_KEY)
+@_autotune(_FORWARD_BLOCKS, ("BLOCK_M", "BLOCK_N"))
 @triton.jit
 def _attention_forward_kernel(
     Q, K, V, O, LSE, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
@@ -137,10 +172,12 @@ def _attention_forward_kernel(
     # Causal query blocks further down do more work: launch them first (reverse order) so the
     # short ones fill the tail of the wave.
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    Q += _head_offset(bh, H, stride_qb, stride_qh)
-    K += _head_offset(bh, H, stride_kb, stride_kh)
-    V += _head_offset(bh, H, stride_vb, stride_vh)
-    O += _head_offset(bh, H, stride_ob, stride_oh)
+    batch = (bh // H).to(tl.int64)
+    head = (bh % H).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    O += batch * stride_ob + head * stride_oh
     LSE += bh.to(tl.int64) * T_Q
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -191,8 +228,10 @@ def _attention_delta_kernel(
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in_bounds = offs_m < T_Q
-    O += _head_offset(bh, H, stride_ob, stride_oh)
-    DO += _head_offset(bh, H, stride_dob, stride_doh)
+    batch = (bh // H).to(tl.int64)
+    head = (bh % H).to(tl.int64)
+    O += batch * stride_ob + head * stride_oh
+    DO += batch * stride_dob + head * stride_doh
     o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -202,7 +241,7 @@ def _attention_delta_kernel(
 @triton.jit
 def _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d, lo, hi, T_Q,
                          qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate this key block's dK (unscaled) and dV over query blocks [lo, hi).
+    """Accumulate one key block's dK (unscaled) and dV over query blocks [lo, hi).
 
     Works on transposed tiles (keys along rows) so the owned K, V, dK, dV stay in place:
         S^T  = s K Q^T                  P^T = exp(S^T - lse)       (lse broadcast along columns)
@@ -213,90 +252,50 @@ def _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot,
     Query rows >= T_Q load as zeros with lse = Delta = 0: their P^T column is 1 but dO and Q are 0,
     so they add nothing. MASKED applies the causal mask (query >= key) on the diagonal block.
     """
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :]  # (BLOCK_M, D)
+    do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :]  # (BLOCK_M, D)
+    q_step = BLOCK_M * stride_qt
+    do_step = BLOCK_M * stride_dot
+    for _ in range(lo, hi, BLOCK_M):
         row_in_bounds = offs_m < T_Q
-        q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+        q = tl.load(q_ptrs, mask=row_in_bounds[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=row_in_bounds, other=0.0) * LOG2_E  # base 2
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED:
             pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_in_bounds[:, None], other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         delta = tl.load(DELTA + offs_m, mask=row_in_bounds, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        offs_m += BLOCK_M
+        q_ptrs += q_step
+        do_ptrs += do_step
     return dk, dv
-
-
-@triton.autotune(configs=_configs(_BACKWARD_BLOCKS, ("BLOCK_N", "BLOCK_M")), key=_TUNING_KEY)
-@triton.jit
-def _attention_backward_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """Grid (B * H, cdiv(T_K, BLOCK_N)): each program owns BLOCK_N keys and writes their dK and dV."""
-    bh = tl.program_id(0)
-    # Causal key blocks near the start are seen by the most queries: the natural order runs them first.
-    start_n = tl.program_id(1) * BLOCK_N
-    Q += _head_offset(bh, H, stride_qb, stride_qh)
-    K += _head_offset(bh, H, stride_kb, stride_kh)
-    V += _head_offset(bh, H, stride_vb, stride_vh)
-    DO += _head_offset(bh, H, stride_dob, stride_doh)
-    DK += _head_offset(bh, H, stride_dkb, stride_dkh)
-    DV += _head_offset(bh, H, stride_dvb, stride_dvh)
-    LSE += bh.to(tl.int64) * T_Q
-    DELTA += bh.to(tl.int64) * T_Q
-
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    key_in_bounds = offs_n < T_K
-    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
-    qk_scale = scale * LOG2_E
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-
-    if IS_CAUSAL:
-        # (T_Q == T_K.) Queries before start_n see none of these keys: never loaded. Queries on the
-        # diagonal block [start_n, start_n + BLOCK_N) need the mask; later queries see every key here.
-        dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
-                                      start_n, tl.minimum(start_n + BLOCK_N, T_Q), T_Q, qk_scale,
-                                      True, BLOCK_M, DOT_PRECISION)
-        dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
-                                      start_n + BLOCK_N, T_Q, T_Q, qk_scale, False, BLOCK_M, DOT_PRECISION)
-    else:
-        dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, offs_d,
-                                      0, T_Q, T_Q, qk_scale, False, BLOCK_M, DOT_PRECISION)
-
-    dk *= scale  # dK = s * dS^T Q
-    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=key_in_bounds[:, None])
-    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=key_in_bounds[:, None])
 
 
 @triton.jit
 def _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, T_K, qk_scale,
                        MASKED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate this query block's dQ (unscaled) over key blocks [lo, hi).
+    """Accumulate one query block's dQ (unscaled) over key blocks [lo, hi).
 
         S  = s Q K^T       P = exp(S - lse)       dP = dO V^T       dS = P * (dP - Delta)
         dQ += dS K         (times s, applied once by the caller)
     Key rows >= T_K load as zeros: their P entries are finite and K = 0 there, so dS K gets nothing
     from them. MASKED applies the causal mask (key <= query) on the diagonal block.
     """
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, D)
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :]  # (BLOCK_N, D)
+    k_step = BLOCK_N * stride_kt
+    v_step = BLOCK_N * stride_vt
+    for _ in range(lo, hi, BLOCK_N):
         key_in_bounds = offs_n < T_K
-        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=key_in_bounds[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=key_in_bounds[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -304,54 +303,89 @@ def _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        offs_n += BLOCK_N
+        k_ptrs += k_step
+        v_ptrs += v_step
     return dq
 
 
-@triton.autotune(configs=_configs(_BACKWARD_BLOCKS, ("BLOCK_M", "BLOCK_N")), key=_TUNING_KEY)
+@_autotune(_BACKWARD_BLOCKS, ("BLOCK_MAJOR", "BLOCK_MINOR"))
 @triton.jit
-def _attention_backward_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
+def _attention_backward_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-    stride_dqb, stride_dqh, stride_dqt,
+    stride_dqb, stride_dqh, stride_dqt, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_MAJOR: tl.constexpr, BLOCK_MINOR: tl.constexpr,
 ):
-    """Grid (B * H, cdiv(T_Q, BLOCK_M)): each program owns BLOCK_M queries and writes their dQ."""
+    """Grid (B * H, cdiv(max(T_Q, T_K), BLOCK_MAJOR)). Program j owns key block j and query block j
+    (BLOCK_MAJOR rows each): it writes their dK, dV and then their dQ, stepping BLOCK_MINOR rows at
+    a time through the other side. Under the causal mask key block j meets the T - j * BLOCK_MAJOR
+    later queries and query block j the j * BLOCK_MAJOR earlier keys: every program does about the
+    same work.
+    """
     bh = tl.program_id(0)
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M  # longest causal rows first
-    Q += _head_offset(bh, H, stride_qb, stride_qh)
-    K += _head_offset(bh, H, stride_kb, stride_kh)
-    V += _head_offset(bh, H, stride_vb, stride_vh)
-    DO += _head_offset(bh, H, stride_dob, stride_doh)
-    DQ += _head_offset(bh, H, stride_dqb, stride_dqh)
+    batch = (bh // H).to(tl.int64)
+    head = (bh % H).to(tl.int64)
+    Q += batch * stride_qb + head * stride_qh
+    K += batch * stride_kb + head * stride_kh
+    V += batch * stride_vb + head * stride_vh
+    DO += batch * stride_dob + head * stride_doh
+    DQ += batch * stride_dqb + head * stride_dqh
+    DK += batch * stride_dkb + head * stride_dkh
+    DV += batch * stride_dvb + head * stride_dvh
     LSE += bh.to(tl.int64) * T_Q
     DELTA += bh.to(tl.int64) * T_Q
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start = tl.program_id(1) * BLOCK_MAJOR
+    offs_major = start + tl.arange(0, BLOCK_MAJOR)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_in_bounds = offs_m < T_Q
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
-    lse = tl.load(LSE + offs_m, mask=row_in_bounds, other=0.0) * LOG2_E  # base 2
-    delta = tl.load(DELTA + offs_m, mask=row_in_bounds, other=0.0)
     qk_scale = scale * LOG2_E
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if IS_CAUSAL:
-        # (T_Q == T_K.) Keys [0, start_m) need no mask, the diagonal block does, later keys are skipped.
-        dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
-                                0, start_m, T_K, qk_scale, False, BLOCK_N, DOT_PRECISION)
-        dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
-                                start_m, tl.minimum(start_m + BLOCK_M, T_K), T_K, qk_scale,
-                                True, BLOCK_N, DOT_PRECISION)
-    else:
-        dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m, offs_d,
-                                0, T_K, T_K, qk_scale, False, BLOCK_N, DOT_PRECISION)
+    if start < T_K:  # dK, dV of keys [start, start + BLOCK_MAJOR)
+        key_in_bounds = offs_major < T_K
+        k = tl.load(K + offs_major[:, None] * stride_kt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+        v = tl.load(V + offs_major[:, None] * stride_vt + offs_d[None, :], mask=key_in_bounds[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_MAJOR, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_MAJOR, HEAD_DIM], dtype=tl.float32)
+        if IS_CAUSAL:
+            # (T_Q == T_K.) Queries before `start` see none of these keys: never loaded. Queries on
+            # the diagonal block need the mask; later queries see every key of the block.
+            dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_major, offs_d,
+                                          start, tl.minimum(start + BLOCK_MAJOR, T_Q), T_Q, qk_scale,
+                                          True, BLOCK_MINOR, DOT_PRECISION)
+            dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_major, offs_d,
+                                          start + BLOCK_MAJOR, T_Q, T_Q, qk_scale, False, BLOCK_MINOR, DOT_PRECISION)
+        else:
+            dk, dv = _backward_dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_major, offs_d,
+                                          0, T_Q, T_Q, qk_scale, False, BLOCK_MINOR, DOT_PRECISION)
+        dk *= scale  # dK = s * dS^T Q
+        tl.store(DK + offs_major[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=key_in_bounds[:, None])
+        tl.store(DV + offs_major[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=key_in_bounds[:, None])
 
-    dq *= scale  # dQ = s * dS K
-    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_in_bounds[:, None])
+    if start < T_Q:  # dQ of queries [start, start + BLOCK_MAJOR)
+        row_in_bounds = offs_major < T_Q
+        q = tl.load(Q + offs_major[:, None] * stride_qt + offs_d[None, :], mask=row_in_bounds[:, None], other=0.0)
+        do = tl.load(DO + offs_major[:, None] * stride_dot + offs_d[None, :], mask=row_in_bounds[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + offs_major, mask=row_in_bounds, other=0.0) * LOG2_E  # base 2
+        delta = tl.load(DELTA + offs_major, mask=row_in_bounds, other=0.0)
+        dq = tl.zeros([BLOCK_MAJOR, HEAD_DIM], dtype=tl.float32)
+        if IS_CAUSAL:
+            # Keys before `start` need no mask, the diagonal block does, later keys are skipped.
+            dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_major, offs_d,
+                                    0, start, T_K, qk_scale, False, BLOCK_MINOR, DOT_PRECISION)
+            dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_major, offs_d,
+                                    start, tl.minimum(start + BLOCK_MAJOR, T_K), T_K, qk_scale,
+                                    True, BLOCK_MINOR, DOT_PRECISION)
+        else:
+            dq = _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_major, offs_d,
+                                    0, T_K, T_K, qk_scale, False, BLOCK_MINOR, DOT_PRECISION)
+        dq *= scale  # dQ = s * dS K
+        tl.store(DQ + offs_major[:, None] * stride_dqt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=row_in_bounds[:, None])
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -387,6 +421,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     if q.device.type != "cuda" and not INTERPRETING:
         raise ValueError(f"the triton attention kernels need CUDA tensors (got {q.device}); "
                          "set TRITON_INTERPRET=1 before importing triton to run them on the CPU")
+    if INTERPRETING and q.dtype == torch.bfloat16:
+        raise ValueError("bf16 attention is not supported under TRITON_INTERPRET=1: Triton 3.6's interpreter "
+                         "computes bf16 tl.dot wrongly; use fp32 or fp16 on the CPU, bf16 on a GPU")
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -448,15 +485,11 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    _attention_backward_dkdv_kernel[lambda meta: (B * H, triton.cdiv(k.shape[2], meta["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, float(scale), H, *_lengths(q, k),
-        *strides, *dk.stride()[:3], *dv.stride()[:3],
-        HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=precision,
-    )
-    _attention_backward_dq_kernel[lambda meta: (B * H, triton.cdiv(T_Q, meta["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, float(scale), H, *_lengths(q, k),
-        *strides, *dq.stride()[:3],
+    longest = max(T_Q, k.shape[2])
+    _attention_backward_kernel[lambda meta: (B * H, triton.cdiv(longest, meta["BLOCK_MAJOR"]))](
+        q, k, v, do, lse, delta, dq, dk, dv, float(scale), H, *_lengths(q, k),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=precision,
     )
     return dq, dk, dv

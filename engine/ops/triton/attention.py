@@ -66,8 +66,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     q (B, H, T_q, D), k and v (B, H, T_k, D); T_q == T_k when causal (query i sees keys 0..i);
     T_q != T_k (a decode step over cached keys) with causal=False. Returns (B, H, T_q, D) in the
     inputs' dtype. D must be 16, 32, 64 or 128; dtypes fp32, fp16 or bf16; scale defaults to
-    1/sqrt(D). Attention dropout is not implemented: dropout_p > 0 raises ValueError.
+    1/sqrt(D). Under autocast the inputs are cast to the autocast dtype first. Attention dropout
+    is not implemented: dropout_p > 0 raises ValueError.
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # Custom ops are invisible to autocast; cast as F.scaled_dot_product_attention would be.
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     check_inputs(q, k, v, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = attention_forward_op(q, k, v, bool(causal), scale)

@@ -1,0 +1,320 @@
+"""The triton backend's fused attention (kernels/attention.py) against `reference` and fp64.
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py), which
+is slow and computes bf16 tl.dot wrongly: the CPU cases are a sampled set covering every T in
+{1, 7, 64, 129, 300}, every head dim in {16, 32, 64, 128} and both fp32 and fp16, with B and H of 1
+and more. The `gpu`-marked tests add bf16, long sequences, bitwise repeatability (races) and the
+linear-in-T memory check. Every case checks the output and the gradients of q, k and v with the
+precision contract's rule (tests/tolerance.py): error against fp64 at most 2x the error of the
+reference backend in the same dtype, plus a small tolerance.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine import ops  # noqa: E402
+from engine.ops.triton.attention import attention_backward_op, attention_forward_op  # noqa: E402
+from tests.tolerance import assert_within_reference_error  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton 3.6's interpreter turns loop bounds derived from tl.program_id into Python ints through a
+# numpy conversion that numpy 2.x deprecates (one warning per loop); the kernels are not at fault.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def make_inputs(B, H, T_q, D, T_k=None, device=DEVICE):
+    """fp32 q (B, H, T_q, D), k and v (B, H, T_k, D), and an output gradient, from the test's seed."""
+    T_k = T_q if T_k is None else T_k
+    q = torch.randn(B, H, T_q, D, device=device)
+    k = torch.randn(B, H, T_k, D, device=device)
+    v = torch.randn(B, H, T_k, D, device=device)
+    grad_out = torch.randn(B, H, T_q, D, device=device)
+    return q, k, v, grad_out
+
+
+def run(backend, q, k, v, grad_out, dtype, causal=True, scale=None):
+    """Output and (dq, dk, dv) of one backend, with the inputs converted to dtype."""
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out = ops.attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    return out, grads
+
+
+def check_against_reference(B, H, T_q, D, dtype, causal=True, T_k=None, scale=None):
+    q, k, v, grad_out = make_inputs(B, H, T_q, D, T_k)
+    exact_out, exact_grads = run("reference", q, k, v, grad_out, torch.float64, causal, scale)
+    ref_out, ref_grads = run("reference", q, k, v, grad_out, dtype, causal, scale)
+    out, grads = run("triton", q, k, v, grad_out, dtype, causal, scale)
+    assert out.dtype == dtype and out.shape == exact_out.shape
+    assert_within_reference_error(out, ref_out, exact_out, "attention output")
+    for name, grad, ref_grad, exact_grad in zip(("dq", "dk", "dv"), grads, ref_grads, exact_grads):
+        assert grad.dtype == dtype
+        assert_within_reference_error(grad, ref_grad, exact_grad, name)
+
+
+# (B, H, T, D): every T and every D in both dtypes, B and H of 1 and more.
+CPU_CASES = [
+    (1, 1, 1, 16, torch.float32),
+    (2, 3, 7, 32, torch.float32),
+    (1, 2, 64, 64, torch.float32),
+    (2, 1, 129, 128, torch.float32),
+    (1, 2, 300, 16, torch.float32),
+    (1, 1, 1, 128, torch.float16),
+    (2, 2, 7, 64, torch.float16),
+    (1, 2, 64, 16, torch.float16),
+    (2, 1, 129, 32, torch.float16),
+    (1, 1, 300, 128, torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,dtype", CPU_CASES)
+def test_causal_attention_matches_reference(B, H, T, D, dtype):
+    check_against_reference(B, H, T, D, dtype, causal=True)
+
+
+@pytest.mark.parametrize("B,H,T,D,dtype", [(2, 2, 129, 64, torch.float32), (1, 2, 300, 32, torch.float16)])
+def test_non_causal_attention_matches_reference(B, H, T, D, dtype):
+    check_against_reference(B, H, T, D, dtype, causal=False)
+
+
+@pytest.mark.parametrize("T_q,T_k,D,dtype", [(1, 77, 32, torch.float32), (5, 130, 64, torch.float16),
+                                             (100, 3, 16, torch.float32)])
+def test_different_query_and_key_lengths(T_q, T_k, D, dtype):
+    # A decode step over a KV cache: one new query against every cached key, no mask.
+    check_against_reference(2, 2, T_q, D, dtype, causal=False, T_k=T_k)
+
+
+def test_explicit_scale():
+    check_against_reference(1, 2, 65, 32, torch.float32, scale=0.5)
+
+
+def test_lse_is_the_log_sum_exp_of_the_scores():
+    q, k, v, _ = make_inputs(1, 2, 70, 32)
+    scale = 1 / math.sqrt(32)
+    out, lse = attention_forward_op(q, k, v, True, scale)
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+    scores = scores.masked_fill(torch.ones(70, 70, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 70)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=0, atol=1e-5)
+
+
+def test_non_contiguous_inputs_give_the_same_result():
+    B, H, T, D = 2, 2, 70, 32
+    q, k, v, grad_out = make_inputs(B, H, T, D)
+    contiguous_out, contiguous_grads = run("triton", q, k, v, grad_out, torch.float32)
+    # The model's layout: (B, T, H, D) viewed as (B, H, T, D); and a view whose last dim is strided.
+    views = [
+        [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)],
+        [t.transpose(-2, -1).contiguous().transpose(-2, -1) for t in (q, k, v)],
+    ]
+    for q_view, k_view, v_view in views:
+        assert not q_view.is_contiguous()
+        out, grads = run("triton", q_view, k_view, v_view, grad_out.transpose(1, 2).contiguous().transpose(1, 2),
+                         torch.float32)
+        assert torch.equal(out, contiguous_out)
+        for grad, expected in zip(grads, contiguous_grads):
+            assert torch.equal(grad, expected)
+
+
+def test_repeated_runs_are_bitwise_identical():
+    q, k, v, grad_out = make_inputs(2, 2, 129, 32)
+    first_out, first_grads = run("triton", q, k, v, grad_out, torch.float16)
+    second_out, second_grads = run("triton", q, k, v, grad_out, torch.float16)
+    assert torch.equal(first_out, second_out)
+    assert all(torch.equal(a, b) for a, b in zip(first_grads, second_grads))
+
+
+@pytest.mark.parametrize("D", [8, 48, 96, 256])
+def test_unsupported_head_dim_is_a_clear_error(D):
+    q = torch.randn(1, 1, 4, D, device=DEVICE)
+    with pytest.raises(ValueError, match=rf"head dimension D={D} .*supported: \(16, 32, 64, 128\)"):
+        ops.attention(q, q, q, backend="triton")
+
+
+def test_attention_dropout_is_refused():
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"does not implement attention dropout \(got dropout_p=0.1\)"):
+        ops.attention(q, q, q, dropout_p=0.1, backend="triton")
+
+
+def test_bad_inputs_are_clear_errors():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="supported: fp32, fp16, bf16"):
+        ops.attention(q.double(), q.double(), q.double(), backend="triton")
+    with pytest.raises(ValueError, match="causal attention needs as many queries as keys"):
+        ops.attention(q[:, :, :3], q, q, backend="triton")
+    with pytest.raises(ValueError, match="do not match"):
+        ops.attention(q, q[:, :1], q[:, :1], causal=False, backend="triton")
+    with pytest.raises(ValueError, match="same dtype"):
+        ops.attention(q, q.half(), q, backend="triton")
+    with pytest.raises(ValueError, match=r"must have shape \(B, H, T, D\)"):
+        ops.attention(q[0], q[0], q[0], backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 refusal applies without a GPU")
+def test_bf16_is_refused_under_the_interpreter():
+    q = torch.randn(1, 1, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 attention is not supported under TRITON_INTERPRET=1"):
+        ops.attention(q, q, q, backend="triton")
+
+
+SM90_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.attention as attention
+
+assert not attention.INTERPRETING
+kernels = [(attention._attention_forward_kernel, attention._FORWARD_BLOCKS, ("BLOCK_M", "BLOCK_N")),
+           (attention._attention_backward_kernel, attention._BACKWARD_BLOCKS, ("BLOCK_MAJOR", "BLOCK_MINOR"))]
+scalars = {"scale": "fp32", "H": "i32", "T_Q": "i32", "T_K": "i32", "Q_BUCKET": "i32", "K_BUCKET": "i32"}
+for kernel, blocks, names in kernels:
+    major, minor, warps, stages = blocks["16-bit, D = 128"][0]
+    constexprs = {"HEAD_DIM": 128, "IS_CAUSAL": True, "DOT_PRECISION": "tf32", names[0]: major, names[1]: minor}
+    signature = {}
+    for name in kernel.fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in scalars:
+            signature[name] = scalars[name]
+        elif name.startswith("stride"):
+            signature[name] = "i32"
+        else:
+            signature[name] = "*fp32" if name in ("LSE", "DELTA") else "*bf16"
+    compiled = triton.compile(ASTSource(kernel.fn, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    assert compiled.asm["cubin"], kernel.fn.__name__
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    # The interpreter runs the kernels as Python and misses what only the compiler checks (types of
+    # loop-carried values, layouts, shared memory). Compile the bf16 D = 128 kernels for an H100
+    # (Triton's bundled ptxas; no GPU or driver needed) in a process without TRITON_INTERPRET.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v, grad_out = make_inputs(1, 2, 20, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_forward_op, (q, k, v, True, 0.25))
+    out, lse = attention_forward_op(q.detach(), k.detach(), v.detach(), True, 0.25)
+    torch.library.opcheck(attention_backward_op, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    torch._dynamo.reset()
+    q, k, v, grad_out = make_inputs(1, 2, 33, 16)
+
+    def attend(q, k, v):
+        return ops.attention(q, k, v, backend="triton") * 2.0
+
+    # aot_eager runs Dynamo and AOTAutograd (fake tensors, the registered autograd formula) without
+    # inductor's code generation, which takes tens of seconds on this CPU; the GPU test uses inductor.
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    eager_out, eager_grads = run("triton", q, k, v, grad_out, torch.float32)
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
+    out = compiled(q2, k2, v2)
+    grads = torch.autograd.grad(out, (q2, k2, v2), grad_out)
+    torch.testing.assert_close(out, eager_out * 2.0, rtol=0, atol=0)
+    for grad, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, expected * 2.0, rtol=0, atol=0)
+
+
+def test_autocast_casts_the_inputs():
+    q, k, v, _ = make_inputs(1, 2, 16, 16)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        out = ops.attention(q, k, v, backend="triton")
+    assert out.dtype == torch.float16
+    expected = ops.attention(q.half(), k.half(), v.half(), backend="triton")
+    assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------------- GPU only
+
+GPU_CASES = [
+    (1, 1, 1, 16), (2, 3, 7, 32), (2, 4, 64, 64), (1, 2, 129, 128), (2, 2, 300, 64), (1, 4, 1000, 128),
+    (2, 2, 2048, 64), (1, 2, 4096, 128),
+]
+
+
+def check_repeats_bitwise(B, H, T, D, dtype, causal):
+    q, k, v, grad_out = make_inputs(B, H, T, D)
+    first_out, first_grads = run("triton", q, k, v, grad_out, dtype, causal)
+    second_out, second_grads = run("triton", q, k, v, grad_out, dtype, causal)
+    assert torch.equal(first_out, second_out), "forward differs between two identical runs (race?)"
+    for name, a, b in zip(("dq", "dk", "dv"), first_grads, second_grads):
+        assert torch.equal(a, b), f"{name} differs between two identical runs (race?)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,T,D", GPU_CASES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_bf16_attention_matches_reference_and_repeats_bitwise(B, H, T, D, causal):
+    check_against_reference(B, H, T, D, torch.bfloat16, causal=causal)
+    check_repeats_bitwise(B, H, T, D, torch.bfloat16, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("B,H,T,D", [(1, 2, 129, 128), (2, 2, 1000, 64), (1, 2, 4096, 128)])
+def test_gpu_fp16_fp32_attention_matches_reference_and_repeats_bitwise(B, H, T, D, dtype):
+    check_against_reference(B, H, T, D, dtype, causal=True)
+    check_repeats_bitwise(B, H, T, D, dtype, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T_q,T_k", [(1, 4097), (3, 1000)])
+def test_gpu_decode_lengths(T_q, T_k):
+    check_against_reference(2, 4, T_q, 128, torch.bfloat16, causal=False, T_k=T_k)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_T():
+    # At T = 8192 one head's T x T matrix in bf16 is 128 MiB; the whole forward + backward must stay
+    # within a small multiple of the (B, H, T, D) tensors it reads and writes.
+    B, H, T, D = 1, 4, 8192, 64
+    q, k, v, grad_out = (t.to(torch.bfloat16) for t in make_inputs(B, H, T, D))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    run("triton", q, k, v, grad_out, torch.bfloat16)  # autotune and compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = ops.attention(q, k, v, backend="triton")
+    out.backward(grad_out)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    tensor_bytes = q.numel() * q.element_size()
+    assert extra <= 8 * tensor_bytes, f"fwd+bwd used {extra / 2**20:.1f} MiB beyond its inputs"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    q, k, v, grad_out = (t.to(torch.bfloat16) for t in make_inputs(2, 4, 256, 64))
+
+    def attend(q, k, v):
+        return ops.attention(q, k, v, backend="triton") * 2.0
+
+    compiled = torch.compile(attend, fullgraph=True)
+    eager_out, eager_grads = run("triton", q, k, v, grad_out, torch.bfloat16)
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
+    out = compiled(q2, k2, v2)
+    grads = torch.autograd.grad(out, (q2, k2, v2), grad_out)
+    torch.testing.assert_close(out, eager_out * 2.0)
+    for grad, expected in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, expected * 2.0)
