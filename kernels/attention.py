@@ -61,12 +61,12 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Candidate block sizes: (rows owned by a program, rows per inner step, num_warps, num_stages), per
-# kind of input. The owned block must be a multiple of the step (the causal split into unmasked and
-# diagonal steps relies on it). The lists were checked by compiling every entry for sm_90 with
-# Triton 3.6 and reading ptxas' register report: they fit in shared memory and, for 16-bit inputs,
-# do not spill registers (or spill a few bytes), where for example 128-row blocks with 4 warps at
-# D = 128 spill kilobytes. fp32 runs tl.dot without tensor cores (exact "ieee" products), which
-# needs far more registers: small tiles only. The autotuner times what remains on the GPU.
+# kind of input; the autotuner times them on the GPU. The owned block must be a multiple of the step
+# (the causal split into unmasked and diagonal steps relies on it). The 16-bit lists were checked by
+# compiling each entry for sm_90 with Triton 3.6 (bf16, D = 64 and 128) and reading ptxas' report:
+# they fit in shared memory and do not spill registers (one spills 4 bytes), where for example
+# 128-row blocks with 4 warps at D = 128 spill kilobytes. fp32 runs tl.dot without tensor cores
+# (exact "ieee" products), which needs far more registers: small tiles, and they still spill.
 # The interpreter gets one configuration with big blocks: its cost grows with programs x loop steps.
 if INTERPRETING:
     _FORWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
@@ -79,7 +79,8 @@ else:
         "fp32": [(32, 32, 4, 2), (64, 32, 8, 2)],
     }
     _BACKWARD_BLOCKS = {
-        "16-bit, D <= 64": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3)],
+        "16-bit, D <= 64": [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3),
+                            (64, 16, 4, 4)],
         "16-bit, D = 128": [(64, 32, 8, 3), (128, 16, 8, 3), (64, 16, 8, 3), (128, 32, 8, 4), (32, 32, 4, 3)],
         "fp32": [(32, 16, 4, 2), (32, 32, 8, 2)],
     }
@@ -426,9 +427,14 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
                          "computes bf16 tl.dot wrongly; use fp32 or fp16 on the CPU, bf16 on a GPU")
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """The kernels take any (B, H, T) strides but need contiguous rows; copy only if they are not."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any (B, H, T) strides but need contiguous rows: copy only a tensor whose rows are
+    not. Offsets within one (batch, head) are int32 in the kernels (batch and head offsets are int64)."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    if t.shape[2] * t.stride(2) >= 2**31:
+        raise ValueError(f"a (B, H, T, D) tensor with T={t.shape[2]} and row stride {t.stride(2)} spans more than "
+                         "2^31 elements per head; pass a contiguous (B, H, T, D) tensor")
+    return t
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -450,7 +456,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     q (B, H, T_q, D), k and v (B, H, T_k, D) -> O (B, H, T_q, D) in q's dtype, lse (B, H, T_q) fp32.
     """
     check_inputs(q, k, v, causal)
-    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    q, k, v = (_kernel_layout(t) for t in (q, k, v))
     B, H, T_Q, D = q.shape
     out = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
@@ -472,7 +478,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
         raise ValueError(f"lse must be fp32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
     do = grad_out.to(q.dtype)  # autograd may hand over a gradient in another dtype
-    do, q, k, v, out = (_unit_last_stride(t) for t in (do, q, k, v, out))
+    do, q, k, v, out = (_kernel_layout(t) for t in (do, q, k, v, out))
     lse = lse.contiguous()
     B, H, T_Q, D = q.shape
     precision = _dot_precision(q.dtype)
