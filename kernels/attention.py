@@ -88,6 +88,10 @@ _DELTA_BLOCK_M = 64
 # Autotuning is keyed on power-of-two buckets of the lengths (plus D, causal and the dtypes), so
 # generation, whose key length grows by one each step, does not re-tune at every length.
 _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
+# Integer arguments Triton would otherwise specialize on (value 1, divisibility by 16), compiling a
+# new binary per pattern of lengths; the kernels gain nothing from it (lengths only bound loops and
+# masks), and one binary per (D, causal, dtype, configuration) keeps first-call compile time short.
+_GENERIC_INTEGERS = ["H", "T_Q", "T_K", "Q_BUCKET", "K_BUCKET"]
 
 
 def _input_kind(head_dim: int, dtype: torch.dtype) -> str:
@@ -160,7 +164,7 @@ def _forward_steps(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d,
 
 
 @_autotune(_FORWARD_BLOCKS, ("BLOCK_M", "BLOCK_N"))
-@triton.jit
+@triton.jit(do_not_specialize=_GENERIC_INTEGERS)
 def _attention_forward_kernel(
     Q, K, V, O, LSE, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
@@ -213,7 +217,7 @@ def _attention_forward_kernel(
     tl.store(LSE + offs_m, (m_i + tl.math.log2(l_i)) * LN_2, mask=row_in_bounds)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T_Q"])
 def _attention_delta_kernel(
     O, DO, DELTA, H, T_Q,
     stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
@@ -311,7 +315,7 @@ def _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m
 
 
 @_autotune(_BACKWARD_BLOCKS, ("BLOCK_MAJOR", "BLOCK_MINOR"))
-@triton.jit
+@triton.jit(do_not_specialize=_GENERIC_INTEGERS)
 def _attention_backward_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DK, DV, scale, H, T_Q, T_K, Q_BUCKET, K_BUCKET,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,

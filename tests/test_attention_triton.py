@@ -249,6 +249,9 @@ def test_autocast_casts_the_inputs():
 
 # ----------------------------------------------------------------------------------- GPU only
 
+# Every head dim up to the target shape (D = 128, T = 4096). The first call per (D, dtype, causal)
+# compiles and times each autotuning candidate, so the other dtypes and the non-causal mask get a
+# few shapes each.
 GPU_CASES = [
     (1, 1, 1, 16), (2, 3, 7, 32), (2, 4, 64, 64), (1, 2, 129, 128), (2, 2, 300, 64), (1, 4, 1000, 128),
     (2, 2, 2048, 64), (1, 2, 4096, 128),
@@ -266,18 +269,17 @@ def check_repeats_bitwise(B, H, T, D, dtype, causal):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H,T,D", GPU_CASES)
-@pytest.mark.parametrize("causal", [True, False])
-def test_gpu_bf16_attention_matches_reference_and_repeats_bitwise(B, H, T, D, causal):
-    check_against_reference(B, H, T, D, torch.bfloat16, causal=causal)
-    check_repeats_bitwise(B, H, T, D, torch.bfloat16, causal)
+def test_gpu_bf16_causal_matches_reference_and_repeats_bitwise(B, H, T, D):
+    check_against_reference(B, H, T, D, torch.bfloat16, causal=True)
+    check_repeats_bitwise(B, H, T, D, torch.bfloat16, causal=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("B,H,T,D", [(1, 2, 129, 128), (2, 2, 1000, 64), (1, 2, 4096, 128)])
-def test_gpu_fp16_fp32_attention_matches_reference_and_repeats_bitwise(B, H, T, D, dtype):
-    check_against_reference(B, H, T, D, dtype, causal=True)
-    check_repeats_bitwise(B, H, T, D, dtype, causal=True)
+@pytest.mark.parametrize("dtype,causal", [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True)])
+@pytest.mark.parametrize("B,H,T,D", [(2, 2, 300, 64), (1, 2, 1000, 128)])
+def test_gpu_other_dtypes_and_masks_match_reference_and_repeat_bitwise(B, H, T, D, dtype, causal):
+    check_against_reference(B, H, T, D, dtype, causal=causal)
+    check_repeats_bitwise(B, H, T, D, dtype, causal)
 
 
 @pytest.mark.gpu
