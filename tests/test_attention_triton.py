@@ -4,7 +4,8 @@ On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by c
 is slow and computes bf16 tl.dot wrongly: the CPU cases are a sampled set covering every T in
 {1, 7, 64, 129, 300}, every head dim in {16, 32, 64, 128} and both fp32 and fp16, with B and H of 1
 and more. The `gpu`-marked tests add bf16, long sequences, bitwise repeatability (races) and the
-linear-in-T memory check. Every case checks the output and the gradients of q, k and v with the
+linear-in-T memory check (the budgeted ones on the target bf16 causal D = 128 kind, the `slow`
+ones on the rest). Every case checks the output and the gradients of q, k and v with the
 precision contract's rule (tests/tolerance.py): error against fp64 at most 2x the error of the
 reference backend in the same dtype, plus a small tolerance.
 """
@@ -249,13 +250,10 @@ def test_autocast_casts_the_inputs():
 
 # ----------------------------------------------------------------------------------- GPU only
 
-# Every head dim up to the target shape (D = 128, T = 4096). The first call per (D, dtype, causal)
-# compiles and times each autotuning candidate, so the other dtypes and the non-causal mask get a
-# few shapes each.
-GPU_CASES = [
-    (1, 1, 1, 16), (2, 3, 7, 32), (2, 4, 64, 64), (1, 2, 129, 128), (2, 2, 300, 64), (1, 4, 1000, 128),
-    (2, 2, 2048, 64), (1, 2, 4096, 128),
-]
+# The first call per (D, dtype, causal) compiles and times every autotuning candidate (about ten
+# kernels): the budgeted GPU check (bench/gpu_check.sh) has room for one such set. The unmarked GPU
+# tests therefore stay on the target kind, bf16 causal D = 128 (one set, then cached); the `slow`
+# ones add the other head dims, dtypes, the non-causal mask and decode lengths, a set each.
 
 
 def check_repeats_bitwise(B, H, T, D, dtype, causal):
@@ -268,13 +266,23 @@ def check_repeats_bitwise(B, H, T, D, dtype, causal):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,H,T,D", GPU_CASES)
-def test_gpu_bf16_causal_matches_reference_and_repeats_bitwise(B, H, T, D):
+@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (2, 3, 129), (1, 4, 1000), (1, 2, 4096)])
+def test_gpu_bf16_causal_d128_matches_reference_and_repeats_bitwise(B, H, T):
+    check_against_reference(B, H, T, 128, torch.bfloat16, causal=True)
+    check_repeats_bitwise(B, H, T, 128, torch.bfloat16, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("B,H,T,D", [(1, 1, 1, 16), (2, 3, 7, 32), (2, 4, 64, 64), (2, 2, 300, 64),
+                                     (2, 2, 2048, 64), (1, 2, 4096, 16)])
+def test_gpu_bf16_causal_small_head_dims(B, H, T, D):
     check_against_reference(B, H, T, D, torch.bfloat16, causal=True)
     check_repeats_bitwise(B, H, T, D, torch.bfloat16, causal=True)
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,causal", [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True)])
 @pytest.mark.parametrize("B,H,T,D", [(2, 2, 300, 64), (1, 2, 1000, 128)])
 def test_gpu_other_dtypes_and_masks_match_reference_and_repeat_bitwise(B, H, T, D, dtype, causal):
@@ -283,6 +291,7 @@ def test_gpu_other_dtypes_and_masks_match_reference_and_repeat_bitwise(B, H, T, 
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.parametrize("T_q,T_k", [(1, 4097), (3, 1000)])
 def test_gpu_decode_lengths(T_q, T_k):
     check_against_reference(2, 4, T_q, 128, torch.bfloat16, causal=False, T_k=T_k)
@@ -290,9 +299,9 @@ def test_gpu_decode_lengths(T_q, T_k):
 
 @pytest.mark.gpu
 def test_gpu_memory_is_linear_in_T():
-    # At T = 8192 one head's T x T matrix in bf16 is 128 MiB; the whole forward + backward must stay
-    # within a small multiple of the (B, H, T, D) tensors it reads and writes.
-    B, H, T, D = 1, 4, 8192, 64
+    # At T = 4096 one head's T x T scores in bf16 take 32 MiB, 32x that head's q. Forward + backward
+    # must stay within 8x the size of q: O, dQ, dK and dV take 4x, the fp32 statistics a little more.
+    B, H, T, D = 1, 4, 4096, 128
     q, k, v, grad_out = (t.to(torch.bfloat16) for t in make_inputs(B, H, T, D))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     run("triton", q, k, v, grad_out, torch.bfloat16)  # autotune and compile outside the measurement
@@ -310,7 +319,7 @@ def test_gpu_memory_is_linear_in_T():
 @pytest.mark.gpu
 def test_gpu_torch_compile_inductor_fullgraph():
     torch._dynamo.reset()
-    q, k, v, grad_out = (t.to(torch.bfloat16) for t in make_inputs(2, 4, 256, 64))
+    q, k, v, grad_out = (t.to(torch.bfloat16) for t in make_inputs(2, 4, 200, 128))
 
     def attend(q, k, v):
         return ops.attention(q, k, v, backend="triton") * 2.0
