@@ -13,7 +13,8 @@
 #include "cpu/simd.h"
 
 TORCH_LIBRARY(engine, m) {
-  // q, k, v (B, H, T, D) contiguous -> out (B, H, T, D), lse (B, H, T) float32 (log-sum-exp of the scaled scores).
+  // q, k, v (B, H, T, D) contiguous (the CPU kernels accept any strides) -> out (B, H, T, D) contiguous,
+  // lse (B, H, T) float32 (log-sum-exp of the scaled scores).
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "

@@ -71,6 +71,21 @@ def test_attention_matches_reference(shape, causal, dtype):
                            kwargs={"causal": causal})
 
 
+def test_attention_reads_transposed_views_without_copies():
+    # The model's q, k, v are (B, T, H, D) slices of one projection, viewed as (B, H, T, D).
+    qkv = torch.randn(2, 70, 3, 4, 32, requires_grad=True)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    out = ops.attention(q, k, v, backend="cpp")
+    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    contiguous = qkv.detach().clone().requires_grad_()
+    q2, k2, v2 = (contiguous[:, :, i].transpose(1, 2).contiguous() for i in range(3))
+    out2 = ops.attention(q2, k2, v2, backend="cpp")
+    (grad2,) = torch.autograd.grad(out2, contiguous, torch.ones_like(out2))
+    assert torch.equal(out, out2)
+    assert torch.equal(grad, grad2)
+
+
 def test_attention_with_explicit_scale_and_large_scores():
     # Scores of size ~40 exercise the running-max rescaling of the online softmax.
     compare_with_reference("attention", lambda: [torch.randn(2, 2, 150, 32) * 3 for _ in range(3)], torch.float32,
@@ -207,6 +222,7 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
         return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(grad)
 
     q, k, v = (tensor(2, 2, 33, 16, grad=True) for _ in range(3))
+    strided = [t.transpose(1, 2) for t in (tensor(2, 33, 2, 16, grad=True) for _ in range(3))]  # as in the model
     out, lse = torch.ops.engine.attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
     x, weight, bias = tensor(5, 24, grad=True), tensor(24, grad=True), tensor(24, grad=True)
     _, mean, rstd = torch.ops.engine.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5)
@@ -217,6 +233,7 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
     return {
         "attention_forward-causal": ("attention_forward", (q, k, v, True, 0.25)),
         "attention_forward-full": ("attention_forward", (q, k, v, False, 0.25)),
+        "attention_forward-transposed-views": ("attention_forward", (*strided, True, 0.25)),
         "attention_backward": ("attention_backward",
                                (tensor(2, 2, 33, 16), q.detach(), k.detach(), v.detach(), out, lse, True, 0.25)),
         "bias_gelu-erf": ("bias_gelu", (tensor(5, 24, grad=True), tensor(24, grad=True), False)),
@@ -232,7 +249,8 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
     }
 
 
-OPCHECK_CASES = ["attention_forward-causal", "attention_forward-full", "attention_backward", "bias_gelu-erf",
+OPCHECK_CASES = ["attention_forward-causal", "attention_forward-full", "attention_forward-transposed-views",
+                 "attention_backward", "bias_gelu-erf",
                  "bias_gelu-tanh-no-bias", "bias_gelu_backward", "bias_residual", "bias_residual-no-bias",
                  "layer_norm_forward", "layer_norm_forward-no-bias", "layer_norm_backward", "cross_entropy_forward",
                  "cross_entropy_backward"]
@@ -304,7 +322,7 @@ def test_convergence_matches_reference():
     cpp_losses = _training_losses("cpp")
     assert cpp_losses[-1] < cpp_losses[0] - 0.5, f"the loss did not fall: {cpp_losses}"
     for step, (c, r) in enumerate(zip(cpp_losses, reference_losses)):
-        assert math.isclose(c, r, rel_tol=2e-3), f"step {step}: cpp loss {c} vs reference {r}"
+        assert math.isclose(c, r, rel_tol=1e-4), f"step {step}: cpp loss {c} vs reference {r}"
 
 
 # ---------------------------------------------------------------------- errors, availability
@@ -327,8 +345,6 @@ def test_dropout_is_rejected_not_ignored():
      "q must be float32, float16 or bfloat16, got Double"),
     (lambda: torch.ops.engine.attention_forward(torch.randn(2, 4, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 8),
                                                 True, 1.0), r"q must be 4-D \(B, H, T, D\)"),
-    (lambda: torch.ops.engine.attention_forward(*(torch.randn(1, 4, 2, 8).transpose(1, 2),) * 3, True, 1.0),
-     "q must be contiguous"),
     (lambda: torch.ops.engine.bias_gelu(torch.randn(3, 8), torch.randn(7), False), r"bias must have shape \(8,\)"),
     (lambda: torch.ops.engine.bias_residual(torch.randn(3, 8), None, torch.randn(3, 9)), "residual must have y's shape"),
     (lambda: torch.ops.engine.layer_norm_forward(torch.randn(3, 8), torch.randn(9), None, 1e-5),

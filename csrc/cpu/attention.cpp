@@ -14,10 +14,15 @@
 // tile of scores stays in L1. Scores are kept in log2 units (Q is pre-multiplied by
 // scale * log2(e)) so the softmax uses exp2.
 //
+// Causal diagonal tiles (query block == key block) skip the register blocks and reduction steps
+// the mask zeroes (gemm_block's `causal`), about 40% of their matmul work.
+//
 // Parallelism: over batch x heads (at::parallel_for); B * H below the thread count leaves
-// threads idle. Inputs: q, k, v (B, H, T, D) contiguous, float32, float16 or bfloat16, all the
-// same dtype; fp16/bf16 are converted to fp32 at the boundary (accumulation is fp32 throughout)
-// and the results converted back. lse is fp32, (B, H, T), natural log of the scaled scores.
+// threads idle. Inputs: q, k, v, and in the backward grad_out and out, (B, H, T, D) of one dtype,
+// float32, float16 or bfloat16, with any strides (each head is packed, so transposed views cost
+// no copy; the CUDA kernels need contiguous tensors); fp16/bf16 are converted to fp32 at the
+// boundary (accumulation is fp32 throughout) and the results converted back. Outputs are
+// contiguous. lse is fp32, (B, H, T), natural log of the scaled scores.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,7 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
+#include <vector>
 
 #include "simd.h"
 
@@ -37,24 +42,45 @@ constexpr int64_t kBlock = 64;  // query and key block (rows of a score tile)
 constexpr int64_t kPadD = 32;   // head dimension padded to a multiple of every tile's kCols
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// On a causal diagonal tile (query block == key block), the part of a product that the mask zeroes:
+// with r the output row, c the output column and k the reduction index, all local to the tile.
+enum class Causal {
+  kFull,            // not a diagonal tile: compute everything
+  kColumnsFromRow,  // only C[r][c] with c >= r is needed (columns are queries, rows keys)
+  kColumnsUpToRow,  // only C[r][c] with c <= r is needed (rows are queries, columns keys)
+  kReduceUpToRow,   // A(r, k) = 0 for k > r
+  kReduceFromRow,   // A(r, k) = 0 for k < r
+};
+
 // C (M x N) = [C +] A (M x K) @ B (K x N). A(i, k) is A[i * a_row + k * a_col] (so A may be a
 // transposed view), B and C are row-major with leading dimensions ldb and ldc.
 // Requires M % Tile::kRows == 0 and N % Tile::kCols == 0 (the callers' padding guarantees it).
 // A kRows x kCols block of C stays in registers while k runs: each step broadcasts one element
 // of A per row and multiplies it into one contiguous row segment of B (vectorized over columns).
+// `causal` skips the register blocks (kColumns*: left unwritten, the caller masks them) or the
+// reduction steps (kReduce*: exactly zero) that a causal diagonal tile does not need.
 template <class Tile, bool kAccumulate>
 ENGINE_ALWAYS_INLINE void gemm_block(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_col,
-                                     const float* B, int64_t ldb, float* C, int64_t ldc) {
+                                     const float* B, int64_t ldb, float* C, int64_t ldc,
+                                     Causal causal = Causal::kFull) {
   constexpr int R = Tile::kRows;
   constexpr int W = Tile::kCols;
   for (int64_t i0 = 0; i0 < M; i0 += R) {
-    for (int64_t j0 = 0; j0 < N; j0 += W) {
+    int64_t j_begin = 0, j_end = N, k_begin = 0, k_end = K;
+    switch (causal) {
+      case Causal::kFull: break;
+      case Causal::kColumnsFromRow: j_begin = i0 / W * W; break;
+      case Causal::kColumnsUpToRow: j_end = std::min(N, round_up(i0 + R, W)); break;
+      case Causal::kReduceUpToRow: k_end = std::min(K, i0 + R); break;
+      case Causal::kReduceFromRow: k_begin = i0; break;
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += W) {
       float acc[R][W];
       for (int r = 0; r < R; ++r) {
         ENGINE_SIMD
         for (int w = 0; w < W; ++w) acc[r][w] = kAccumulate ? C[(i0 + r) * ldc + j0 + w] : 0.0f;
       }
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = k_begin; k < k_end; ++k) {
         const float* b = B + k * ldb + j0;
         for (int r = 0; r < R; ++r) {
           const float a = A[(i0 + r) * a_row + k * a_col];
@@ -70,8 +96,15 @@ ENGINE_ALWAYS_INLINE void gemm_block(int64_t M, int64_t N, int64_t K, const floa
   }
 }
 
-// dst (rows_padded x cols_padded) = src (rows x cols, row-major) * factor, zero padded.
-ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const float* src, int64_t rows, int64_t cols, int64_t rows_padded,
+// One head of a (B, H, T, D) fp32 tensor with any strides: element (t, d) is data[t * row + d * col].
+struct HeadView {
+  const float* data;
+  int64_t row, col;
+  ENGINE_ALWAYS_INLINE const float* row_data(int64_t t) const { return data + t * row; }
+};
+
+// dst (rows_padded x cols_padded) = src (rows x cols) * factor, zero padded.
+ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const HeadView& src, int64_t rows, int64_t cols, int64_t rows_padded,
                                     int64_t cols_padded, float factor) {
   for (int64_t i = 0; i < rows_padded; ++i) {
     float* out = dst + i * cols_padded;
@@ -79,9 +112,13 @@ ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const float* src, int64_t rows, 
       std::fill(out, out + cols_padded, 0.0f);
       continue;
     }
-    const float* in = src + i * cols;
-    ENGINE_SIMD
-    for (int64_t c = 0; c < cols; ++c) out[c] = in[c] * factor;
+    const float* in = src.row_data(i);
+    if (src.col == 1) {
+      ENGINE_SIMD
+      for (int64_t c = 0; c < cols; ++c) out[c] = in[c] * factor;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) out[c] = in[c * src.col] * factor;
+    }
     std::fill(out + cols, out + cols_padded, 0.0f);
   }
 }
@@ -90,12 +127,18 @@ ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const float* src, int64_t rows, 
 // kBlock) matrix at dst + b * cols_padded * kBlock, zero padded. Transposing the whole (cols x T)
 // instead would put the rows a tile reads T floats apart, which for T a multiple of 1024 all fall
 // in the same L1 cache set.
-ENGINE_ALWAYS_INLINE void pack_transposed_blocks(float* dst, const float* src, int64_t rows, int64_t cols,
+ENGINE_ALWAYS_INLINE void pack_transposed_blocks(float* dst, const HeadView& src, int64_t rows, int64_t cols,
                                                  int64_t rows_padded, int64_t cols_padded, float factor) {
-  std::fill(dst, dst + cols_padded * rows_padded, 0.0f);
-  for (int64_t i = 0; i < rows; ++i) {
-    float* block = dst + (i / kBlock) * cols_padded * kBlock + i % kBlock;
-    for (int64_t c = 0; c < cols; ++c) block[c * kBlock] = src[i * cols + c] * factor;
+  for (int64_t i0 = 0; i0 < rows_padded; i0 += kBlock) {
+    float* block = dst + i0 * cols_padded;  // (cols_padded, kBlock)
+    const int64_t valid_rows = std::min(kBlock, rows - i0);
+    for (int64_t c = 0; c < cols; ++c) {
+      float* out = block + c * kBlock;  // written contiguously, read with the row stride
+      const float* in = src.row_data(i0) + c * src.col;
+      for (int64_t i = 0; i < valid_rows; ++i) out[i] = in[i * src.row] * factor;
+      std::fill(out + valid_rows, out + kBlock, 0.0f);
+    }
+    std::fill(block + cols * kBlock, block + cols_padded * kBlock, 0.0f);
   }
 }
 
@@ -114,10 +157,8 @@ struct HeadShape {
 
 struct ForwardHead {
   HeadShape shape;
-  const float* q;  // (T, D) each
-  const float* k;
-  const float* v;
-  float* out;  // (T, D)
+  HeadView q, k, v;
+  float* out;  // (T, D) contiguous
   float* lse;  // (T,)
   bool causal;
   float scale;
@@ -157,7 +198,9 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
     // Tiles reaching past the first query's last visible key (the diagonal, the padding) are masked.
     const int64_t unmasked_end = h.causal ? std::min(q0 + 1, T) : T;
     for (int64_t k0 = 0; k0 < key_end; k0 += kBlock) {
-      gemm_block<Tile, false>(kBlock, kBlock, Dp, Kp + k0 * Dp, Dp, 1, Qt + q0 * Dp, kBlock, St, kBlock);
+      const bool diagonal = h.causal && k0 == q0;
+      gemm_block<Tile, false>(kBlock, kBlock, Dp, Kp + k0 * Dp, Dp, 1, Qt + q0 * Dp, kBlock, St, kBlock,
+                              diagonal ? Causal::kColumnsFromRow : Causal::kFull);  // St = K Qs^T
       if (k0 + kBlock > unmasked_end) {
         for (int64_t j = 0; j < kBlock; ++j) {
           float* st = St + j * kBlock;
@@ -199,7 +242,8 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
           for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha[i];
         }
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, St, 1, kBlock, Vp + k0 * Dp, Dp, O, Dp);  // O += P V, P = St^T
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, St, 1, kBlock, Vp + k0 * Dp, Dp, O, Dp,
+                             diagonal ? Causal::kReduceUpToRow : Causal::kFull);  // O += P V, P = St^T
     }
     const int64_t rows = std::min(kBlock, T - q0);
     for (int64_t r = 0; r < rows; ++r) {
@@ -228,13 +272,9 @@ ENGINE_ISA_VARIANTS(attention_forward_head, forward_head, ForwardHead)
 
 struct BackwardHead {
   HeadShape shape;
-  const float* grad_out;  // (T, D) each
-  const float* q;
-  const float* k;
-  const float* v;
-  const float* out;
+  HeadView grad_out, q, k, v, out;
   const float* lse;  // (T,)
-  float* grad_q;     // (T, D) each
+  float* grad_q;     // (T, D) contiguous, each
   float* grad_k;
   float* grad_v;
   bool causal;
@@ -250,18 +290,18 @@ struct BackwardHead {
 template <class Tile>
 ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
   const int64_t T = h.shape.T, D = h.shape.D, Tp = h.shape.padded_T(), Dp = h.shape.padded_D();
-  float* Qs = h.workspace;          // (Tp, Dp): Q * scale * log2(e)
-  float* Kp = Qs + Tp * Dp;         // (Tp, Dp)
-  float* Kt = Kp + Tp * Dp;         // (Tp / kBlock) x (Dp, kBlock)
-  float* Vt = Kt + Dp * Tp;         // (Tp / kBlock) x (Dp, kBlock)
-  float* dO = Vt + Dp * Tp;         // (Tp, Dp)
-  float* dQ = dO + Tp * Dp;         // (Tp, Dp): sum over key blocks of dS K
-  float* lse2 = dQ + Tp * Dp;       // (Tp,): lse in log2 units
-  float* delta = lse2 + Tp;         // (Tp,)
-  float* P = delta + Tp;            // (kBlock, kBlock)
-  float* dS = P + kBlock * kBlock;  // (kBlock, kBlock): dP, then dS
+  float* Qs = h.workspace;           // (Tp, Dp): Q * scale * log2(e)
+  float* Kp = Qs + Tp * Dp;          // (Tp, Dp)
+  float* Kt = Kp + Tp * Dp;          // (Tp / kBlock) x (Dp, kBlock)
+  float* Vt = Kt + Dp * Tp;          // (Tp / kBlock) x (Dp, kBlock)
+  float* dO = Vt + Dp * Tp;          // (Tp, Dp)
+  float* dQ = dO + Tp * Dp;          // (Tp, Dp): sum over key blocks of dS K
+  float* lse2 = dQ + Tp * Dp;        // (Tp,): lse in log2 units
+  float* delta = lse2 + Tp;          // (Tp,)
+  float* P = delta + Tp;             // (kBlock, kBlock)
+  float* dS = P + kBlock * kBlock;   // (kBlock, kBlock): dP, then dS
   float* dK = dS + kBlock * kBlock;  // (kBlock, Dp)
-  float* dV = dK + kBlock * Dp;     // (kBlock, Dp)
+  float* dV = dK + kBlock * Dp;      // (kBlock, Dp)
   pack_rows(Qs, h.q, T, D, Tp, Dp, h.scale * kLog2e);
   pack_rows(Kp, h.k, T, D, Tp, Dp, 1.0f);
   pack_transposed_blocks(Kt, h.k, T, D, Tp, Dp, 1.0f);
@@ -272,10 +312,11 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
   for (int64_t i = 0; i < Tp; ++i) {
     float dot = 0.0f;
     if (i < T) {
-      const float* o = h.out + i * D;
-      const float* g = h.grad_out + i * D;
+      const float* o = h.out.row_data(i);
+      const float* g = dO + i * Dp;
+      const int64_t o_col = h.out.col;
       ENGINE_SIMD_REDUCE(+, dot)
-      for (int64_t d = 0; d < D; ++d) dot += o[d] * g[d];
+      for (int64_t d = 0; d < D; ++d) dot += o[d * o_col] * g[d];
     }
     delta[i] = dot;
     lse2[i] = i < T ? h.lse[i] * kLog2e : 0.0f;
@@ -285,7 +326,9 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
     std::fill(dK, dK + kBlock * Dp, 0.0f);
     std::fill(dV, dV + kBlock * Dp, 0.0f);
     for (int64_t q0 = h.causal ? k0 : 0; q0 < T; q0 += kBlock) {  // causal: earlier queries never see k0..
-      gemm_block<Tile, false>(kBlock, kBlock, Dp, Qs + q0 * Dp, Dp, 1, Kt + k0 * Dp, kBlock, P, kBlock);  // S (log2)
+      const bool diagonal = h.causal && q0 == k0;
+      gemm_block<Tile, false>(kBlock, kBlock, Dp, Qs + q0 * Dp, Dp, 1, Kt + k0 * Dp, kBlock, P, kBlock,
+                              diagonal ? Causal::kColumnsUpToRow : Causal::kFull);  // S (log2 units)
       for (int64_t r = 0; r < kBlock; ++r) {
         float* p = P + r * kBlock;
         const float row_lse2 = lse2[q0 + r];
@@ -293,17 +336,22 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
         ENGINE_SIMD
         for (int64_t j = 0; j < kBlock; ++j) p[j] = j < valid ? exp2_approx(p[j] - row_lse2) : 0.0f;
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, P, 1, kBlock, dO + q0 * Dp, Dp, dV, Dp);  // dV += P^T dO
-      gemm_block<Tile, false>(kBlock, kBlock, Dp, dO + q0 * Dp, Dp, 1, Vt + k0 * Dp, kBlock, dS, kBlock);  // dP = dO V^T
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, P, 1, kBlock, dO + q0 * Dp, Dp, dV, Dp,
+                             diagonal ? Causal::kReduceFromRow : Causal::kFull);  // dV += P^T dO
+      gemm_block<Tile, false>(kBlock, kBlock, Dp, dO + q0 * Dp, Dp, 1, Vt + k0 * Dp, kBlock, dS, kBlock,
+                              diagonal ? Causal::kColumnsUpToRow : Causal::kFull);  // dP = dO V^T
       for (int64_t r = 0; r < kBlock; ++r) {
         float* ds = dS + r * kBlock;
         const float* p = P + r * kBlock;
         const float row_delta = delta[q0 + r];
+        const int64_t valid = visible_keys(q0 + r, T, h.causal) - k0;  // dP is not computed beyond
         ENGINE_SIMD
-        for (int64_t j = 0; j < kBlock; ++j) ds[j] = p[j] * (ds[j] - row_delta);  // dS = P * (dP - Delta)
+        for (int64_t j = 0; j < kBlock; ++j) ds[j] = j < valid ? p[j] * (ds[j] - row_delta) : 0.0f;
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, 1, kBlock, Qs + q0 * Dp, Dp, dK, Dp);  // dK += dS^T Qs
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, kBlock, 1, Kp + k0 * Dp, Dp, dQ + q0 * Dp, Dp);  // dQ += dS K
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, 1, kBlock, Qs + q0 * Dp, Dp, dK, Dp,
+                             diagonal ? Causal::kReduceFromRow : Causal::kFull);  // dK += dS^T Qs
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, kBlock, 1, Kp + k0 * Dp, Dp, dQ + q0 * Dp, Dp,
+                             diagonal ? Causal::kReduceUpToRow : Causal::kFull);  // dQ += dS K
     }
     const int64_t rows = std::min(kBlock, T - k0);
     for (int64_t r = 0; r < rows; ++r) {
@@ -336,12 +384,13 @@ void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
               " must be float32, float16 or bfloat16, got ", dtype);
 }
 
+// Any strides are accepted (the kernels pack each head), so the model's q, k, v, which are
+// transposed views of one (B, T, 3C) projection, need no copy.
 void check_head_tensor(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
@@ -356,6 +405,21 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
+// Scratch memory of the calling thread, kept between calls: allocating it per call would page-fault
+// fresh memory in every call (about 0.1 ms per MB). Grows to the largest size asked for.
+float* thread_workspace(int64_t floats) {
+  thread_local std::vector<float> workspace;
+  if (static_cast<int64_t>(workspace.size()) < floats) {
+    workspace.resize(floats);
+  }
+  return workspace.data();
+}
+
+// Head (b, h) of a (B, H, T, D) float32 tensor.
+HeadView head_view(const at::Tensor& t, int64_t b, int64_t h) {
+  return HeadView{t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      bool causal, double scale) {
   constexpr const char* op = "engine::attention_forward";
@@ -366,18 +430,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
     const HeadShape shape{T, D};
-    const float* q_data = q32.data_ptr<float>();
-    const float* k_data = k32.data_ptr<float>();
-    const float* v_data = v32.data_ptr<float>();
     float* out_data = out.data_ptr<float>();
     float* lse_data = lse.data_ptr<float>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> workspace(new float[ForwardHead::workspace_floats(shape)]);  // uninitialized
+      float* workspace = thread_workspace(ForwardHead::workspace_floats(shape));
       for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t offset = bh * T * D;
-        attention_forward_head(ForwardHead{shape, q_data + offset, k_data + offset, v_data + offset,
-                                           out_data + offset, lse_data + bh * T, causal, static_cast<float>(scale),
-                                           workspace.get()});
+        const int64_t b = bh / H, h = bh % H;
+        attention_forward_head(ForwardHead{shape, head_view(q32, b, h), head_view(k32, b, h), head_view(v32, b, h),
+                                           out_data + bh * T * D, lse_data + bh * T, causal,
+                                           static_cast<float>(scale), workspace});
       }
     });
   }
@@ -397,32 +458,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, T}), op, ": lse must have shape (B, H, T) = ",
               at::IntArrayRef({B, H, T}), ", got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK(lse.is_contiguous(), op, ": lse must be contiguous");
   const at::Tensor grad_out32 = as_float(grad_out), q32 = as_float(q), k32 = as_float(k), v32 = as_float(v),
-                   out32 = as_float(out);
+                   out32 = as_float(out), lse32 = lse.contiguous();
   const auto options = q.options().dtype(at::kFloat);
   at::Tensor grad_q = at::empty({B, H, T, D}, options);
   at::Tensor grad_k = at::empty({B, H, T, D}, options);
   at::Tensor grad_v = at::empty({B, H, T, D}, options);
   if (grad_q.numel() > 0) {
     const HeadShape shape{T, D};
-    const float* grad_out_data = grad_out32.data_ptr<float>();
-    const float* q_data = q32.data_ptr<float>();
-    const float* k_data = k32.data_ptr<float>();
-    const float* v_data = v32.data_ptr<float>();
-    const float* out_data = out32.data_ptr<float>();
-    const float* lse_data = lse.data_ptr<float>();
+    const float* lse_data = lse32.data_ptr<float>();
     float* grad_q_data = grad_q.data_ptr<float>();
     float* grad_k_data = grad_k.data_ptr<float>();
     float* grad_v_data = grad_v.data_ptr<float>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> workspace(new float[BackwardHead::workspace_floats(shape)]);  // uninitialized
+      float* workspace = thread_workspace(BackwardHead::workspace_floats(shape));
       for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t offset = bh * T * D;
-        attention_backward_head(BackwardHead{shape, grad_out_data + offset, q_data + offset, k_data + offset,
-                                             v_data + offset, out_data + offset, lse_data + bh * T,
-                                             grad_q_data + offset, grad_k_data + offset, grad_v_data + offset,
-                                             causal, static_cast<float>(scale), workspace.get()});
+        const int64_t b = bh / H, h = bh % H, offset = bh * T * D;
+        attention_backward_head(BackwardHead{shape, head_view(grad_out32, b, h), head_view(q32, b, h),
+                                             head_view(k32, b, h), head_view(v32, b, h), head_view(out32, b, h),
+                                             lse_data + bh * T, grad_q_data + offset, grad_k_data + offset,
+                                             grad_v_data + offset, causal, static_cast<float>(scale),
+                                             workspace});
       }
     });
   }

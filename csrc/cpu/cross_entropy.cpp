@@ -44,9 +44,7 @@ ENGINE_ALWAYS_INLINE void cross_entropy_forward_rows(const CrossEntropyRows& p) 
     float row_max = -std::numeric_limits<float>::infinity();
     ENGINE_SIMD_REDUCE(max, row_max)
     for (int64_t j = 0; j < p.vocab; ++j) row_max = x[j] > row_max ? x[j] : row_max;
-    float sum = 0.0f;
-    ENGINE_SIMD_REDUCE(+, sum)
-    for (int64_t j = 0; j < p.vocab; ++j) sum += exp_approx(x[j] - row_max);
+    const float sum = sum_terms(p.vocab, [&](int64_t j) ENGINE_INLINE_LAMBDA { return exp_approx(x[j] - row_max); });
     const float lse = row_max + std::log(sum);
     p.lse[row] = lse;
     const int64_t target = p.targets[row];

@@ -78,8 +78,9 @@ ENGINE_ALWAYS_INLINE void gelu_backward_rows(const GeluRows& p) {
       ENGINE_SIMD
       for (int64_t c = 0; c < p.cols; ++c) {
         const float x = pre[c] + p.bias[c];
-        const float cdf = 0.5f * (1.0f + erf_approx(x * kSqrtHalf));
-        const float pdf = kInvSqrt2Pi * exp_approx(-0.5f * x * x);
+        const float gaussian = exp_approx(-0.5f * x * x);  // exp(-z^2) with z = x / sqrt(2)
+        const float cdf = 0.5f * (1.0f + erf_from_gaussian(x * kSqrtHalf, gaussian));
+        const float pdf = kInvSqrt2Pi * gaussian;
         out[c] = grad[c] * (cdf + x * pdf);
       }
     }

@@ -44,13 +44,8 @@ ENGINE_ALWAYS_INLINE void layer_norm_forward_rows(const LayerNormForwardRows& p)
   for (int64_t row = p.row_begin; row < p.row_end; ++row) {
     const float* x = p.x + row * p.cols;
     float* y = p.y + row * p.cols;
-    float sum = 0.0f;
-    ENGINE_SIMD_REDUCE(+, sum)
-    for (int64_t c = 0; c < p.cols; ++c) sum += x[c];
-    const float mean = sum * inverse_cols;
-    float squares = 0.0f;
-    ENGINE_SIMD_REDUCE(+, squares)
-    for (int64_t c = 0; c < p.cols; ++c) squares += (x[c] - mean) * (x[c] - mean);
+    const float mean = sum_terms(p.cols, [&](int64_t c) ENGINE_INLINE_LAMBDA { return x[c]; }) * inverse_cols;
+    const float squares = sum_terms(p.cols, [&](int64_t c) ENGINE_INLINE_LAMBDA { return (x[c] - mean) * (x[c] - mean); });
     const float rstd = 1.0f / std::sqrt(squares * inverse_cols + p.eps);
     ENGINE_SIMD
     for (int64_t c = 0; c < p.cols; ++c) y[c] = (x[c] - mean) * rstd * p.weight[c] + p.bias[c];
@@ -81,21 +76,17 @@ ENGINE_ALWAYS_INLINE void layer_norm_backward_rows(const LayerNormBackwardRows& 
     const float* x = p.x + row * p.cols;
     float* dx = p.grad_x + row * p.cols;
     const float mean = p.mean[row], rstd = p.rstd[row];
-    float sum_g = 0.0f, sum_g_xhat = 0.0f;
-    ENGINE_SIMD_REDUCE(+, sum_g, sum_g_xhat)
-    for (int64_t c = 0; c < p.cols; ++c) {
-      const float xhat = (x[c] - mean) * rstd;
-      const float g = dy[c] * p.weight[c];
-      sum_g += g;
-      sum_g_xhat += g * xhat;
-      p.partial_weight[c] += dy[c] * xhat;
-      p.partial_bias[c] += dy[c];
-    }
-    const float mean_g = sum_g * inverse_cols, mean_g_xhat = sum_g_xhat * inverse_cols;
+    const float mean_g = sum_terms(p.cols, [&](int64_t c) ENGINE_INLINE_LAMBDA { return dy[c] * p.weight[c]; }) *
+                         inverse_cols;
+    const float mean_g_xhat = sum_terms(p.cols, [&](int64_t c) ENGINE_INLINE_LAMBDA {
+                                return dy[c] * p.weight[c] * (x[c] - mean) * rstd;
+                              }) * inverse_cols;
     ENGINE_SIMD
     for (int64_t c = 0; c < p.cols; ++c) {
       const float xhat = (x[c] - mean) * rstd;
       dx[c] = rstd * (dy[c] * p.weight[c] - mean_g - xhat * mean_g_xhat);
+      p.partial_weight[c] += dy[c] * xhat;
+      p.partial_bias[c] += dy[c];
     }
   }
 }

@@ -15,6 +15,7 @@
 // ENGINE_CPU_ISA=base|avx2|avx512 forces a lower variant (tests use it to cover all three).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -107,24 +108,49 @@ ENGINE_ALWAYS_INLINE float exp2_approx(float x) {
 
 ENGINE_ALWAYS_INLINE float exp_approx(float x) { return exp2_approx(x * kLog2e); }
 
-// erf(x) by Abramowitz & Stegun, Handbook of Mathematical Functions, formula 7.1.26:
-// 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-x^2), t = 1 / (1 + p |x|),
+// erf(z) by Abramowitz & Stegun, Handbook of Mathematical Functions, formula 7.1.26:
+// 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-z^2), t = 1 / (1 + p |z|),
 // absolute error below 1.5e-7 (about one fp32 rounding step of values near 1).
-ENGINE_ALWAYS_INLINE float erf_approx(float x) {
-  const float ax = x < 0.0f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+// Takes gaussian = exp(-z^2), which GELU's derivative needs too, so it is computed once.
+ENGINE_ALWAYS_INLINE float erf_from_gaussian(float z, float gaussian) {
+  const float t = 1.0f / (1.0f + 0.3275911f * std::fabs(z));
   float poly = 1.061405429f;
   poly = poly * t - 1.453152027f;
   poly = poly * t + 1.421413741f;
   poly = poly * t - 0.284496736f;
   poly = poly * t + 0.254829592f;
-  const float y = 1.0f - poly * t * exp_approx(-ax * ax);
-  return x < 0.0f ? -y : y;
+  return std::copysign(1.0f - poly * t * gaussian, z);
 }
+
+ENGINE_ALWAYS_INLINE float erf_approx(float z) { return erf_from_gaussian(z, exp_approx(-z * z)); }
 
 // tanh(u) = 1 - 2 / (exp(2u) + 1): exact limits +-1 (exp overflows to 2^127 or underflows to 0);
 // absolute error about 2e-7 near 0, where the subtraction cancels.
 ENGINE_ALWAYS_INLINE float tanh_approx(float u) { return 1.0f - 2.0f / (exp2_approx(2.0f * kLog2e * u) + 1.0f); }
+
+// Sum of term(c) for c in [0, n). The terms go into kPartialSums independent partial sums, which
+// vectorize into several vector accumulators: a single accumulator would make every vector add
+// wait for the previous one (4 cycles), and GCC's horizontal epilogue for `omp simd reduction`
+// adds the lanes one by one through memory. The partials are added pairwise at the end.
+// `term` must be an ENGINE_INLINE_LAMBDA so that it is inlined, and vectorized, in the loop.
+constexpr int kPartialSums = 64;
+#define ENGINE_INLINE_LAMBDA __attribute__((always_inline))
+
+template <class Term>
+ENGINE_ALWAYS_INLINE float sum_terms(int64_t n, Term term) {
+  float partial[kPartialSums] = {};
+  int64_t c = 0;
+  for (; c + kPartialSums <= n; c += kPartialSums) {
+    ENGINE_SIMD
+    for (int k = 0; k < kPartialSums; ++k) partial[k] += term(c + k);
+  }
+  for (int k = 0; c < n; ++c, ++k) partial[k] += term(c);
+  for (int width = kPartialSums / 2; width > 0; width /= 2) {
+    ENGINE_SIMD
+    for (int k = 0; k < width; ++k) partial[k] += partial[k + width];
+  }
+  return partial[0];
+}
 
 constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 

@@ -46,7 +46,7 @@ from engine.ops.backend import Backend
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Same flags as setup.py's CXX_FLAGS (see the reasons there).
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-fno-math-errno"]
 
 NOT_BUILT = ("not built: engine._C is missing; run `pip install --no-build-isolation -e .` "
              "(or `python -m engine.ops.extension --build`)")
@@ -91,25 +91,26 @@ def cuda_availability() -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------ fake (shape) functions
+# Every output is contiguous, whatever the inputs' strides (new_empty, not empty_like).
 
 def _register_fakes() -> None:
     register = torch.library.register_fake
 
     @register("engine::attention_forward")
     def _(q, k, v, causal, scale):
-        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+        return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
     @register("engine::attention_backward")
     def _(grad_out, q, k, v, out, lse, causal, scale):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
     @register("engine::bias_gelu")
     def _(pre, bias, tanh_approx):
-        return torch.empty_like(pre)
+        return pre.new_empty(pre.shape)
 
     @register("engine::bias_gelu_backward")
     def _(grad, pre, bias, tanh_approx):
-        return torch.empty_like(pre)
+        return pre.new_empty(pre.shape)
 
     @register("engine::bias_residual")
     def _(y, bias, residual):
@@ -121,11 +122,11 @@ def _register_fakes() -> None:
     @register("engine::layer_norm_forward")
     def _(x, weight, bias, eps):
         rows = x.shape[0]
-        return torch.empty_like(x), x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+        return x.new_empty(x.shape), x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
 
     @register("engine::layer_norm_backward")
     def _(grad_y, x, weight, mean, rstd):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
     @register("engine::cross_entropy_forward")
     def _(logits, targets, ignore_index):
@@ -133,7 +134,7 @@ def _register_fakes() -> None:
 
     @register("engine::cross_entropy_backward")
     def _(grad_loss, logits, targets, lse, ignore_index):
-        return torch.empty_like(logits)
+        return logits.new_empty(logits.shape)
 
 
 # ---------------------------------------------------------------------- autograd formulas
@@ -150,7 +151,7 @@ def _attention_setup(ctx, inputs, output):
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = torch.ops.engine.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+        _kernel_layout(grad_out), q, k, v, out, lse, ctx.causal, ctx.scale)
     return grad_q, grad_k, grad_v, None, None
 
 
@@ -227,10 +228,17 @@ def _reject_dropout(op: str, dropout_p: float) -> None:
                          "train with dropout 0, or use the torch or reference backend")
 
 
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """The CPU attention kernels read any strides (the model's q, k, v are transposed views); the CUDA
+    kernels need contiguous tensors."""
+    return t.contiguous() if t.is_cuda else t
+
+
 def attention(q, k, v, *, causal=True, scale=None, dropout_p=0.0):
     _reject_dropout("attention", dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, _ = torch.ops.engine.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), causal, float(scale))
+    out, _ = torch.ops.engine.attention_forward(_kernel_layout(q), _kernel_layout(k), _kernel_layout(v), causal,
+                                                float(scale))
     return out  # (B, H, T, D)
 
 
