@@ -56,7 +56,7 @@ PyMethodDef methods[] = {
 
 PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT, "_C", "The compiled engine ops; importing this module registers torch.ops.engine.*",
-    -1, methods,
+    -1, methods, nullptr, nullptr, nullptr, nullptr,
 };
 
 }  // namespace

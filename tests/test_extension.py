@@ -432,8 +432,10 @@ def test_cuda_cross_entropy_matches_reference(rows, vocab, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", OPCHECK_CASES)
+@pytest.mark.parametrize("case", [case for case in OPCHECK_CASES if case != "attention_forward-transposed-views"])
 def test_cuda_opcheck(case):
+    """Every op but strided attention inputs, which only the CPU kernels take (the wrapper makes CUDA inputs
+    contiguous)."""
     _require_cuda_kernels()
     name, args = _opcheck_samples(device="cuda", dtype=torch.bfloat16)[case]
     torch.library.opcheck(getattr(torch.ops.engine, name).default, args)

@@ -8,11 +8,13 @@
 // `causal`, key blocks entirely after a query block are skipped (about half the work).
 //
 // Layout and blocking: each thread packs its head into fp32 buffers padded to a multiple of
-// kBlock rows and kPadD columns (zeros), with K (and V in the backward) also transposed, so every
-// matmul is a sum of outer products whose inner loop runs over a contiguous row (gemm_block).
-// The per-head working set (T = 1024, D = 64: 1.5 MB in the backward) stays in L2; a 64 x 64
-// tile of scores stays in L1. Scores are kept in log2 units (Q is pre-multiplied by
-// scale * log2(e)) so the softmax uses exp2.
+// kBlock rows and kPadD columns (zeros), some transposed block by block (Q in the forward, K and
+// V in the backward), so every matmul is a sum of outer products whose inner loop runs over a
+// contiguous row (gemm_block, vectorized by the compiler, see simd.h). The forward computes its
+// score tile transposed (keys x queries) so the softmax statistics are vectors. The per-head
+// working set (T = 1024, D = 64: 1.5 MB in the backward) stays in L2; a 64 x 64 tile of scores
+// stays in L1. Scores are kept in log2 units (Q is pre-multiplied by scale * log2(e)) so the
+// softmax uses exp2. The packing buffers are per thread and kept between calls.
 //
 // Causal diagonal tiles (query block == key block) skip the register blocks and reduction steps
 // the mask zeroes (gemm_block's `causal`), about 40% of their matmul work.
