@@ -8,7 +8,7 @@
 #   build        the C++/CUDA extension: pip install --no-build-isolation --no-deps --no-index -e .
 #                (a failure is reported and the run goes on without that backend)
 #   backends     python -m engine.train --list-backends
-#   tests        pytest -m gpu (every test marked for a GPU), JUnit XML in the results folder
+#   tests        pytest -m "gpu and not slow" (the GPU tests that fit the budget), JUnit XML in the results folder
 #   attention    bf16, causal, D=128, T in {4096, 8192, 1024, 256}: fwd, bwd, fwd+bwd per backend vs torch (SDPA)
 #   ffn          8192 tokens, d_model 768, d_ff 3072, fwd/bwd per backend vs torch and torch.compile
 #   cross_entropy  8192 rows, vocab 50257: the loss (GB/s) and the fused LM head + loss (peak memory) vs torch
@@ -120,7 +120,7 @@ else
     run_stage build 120 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
 run_stage backends 15 "$PYTHON" -m engine.train --list-backends
-run_stage tests 70 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest-gpu.xml"
+run_stage tests 70 "$PYTHON" -m pytest -m "gpu and not slow" -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest-gpu.xml"
 run_stage attention 55 "$PYTHON" -m bench.attention --out "$OUT_DIR" --no-plot "${ATTENTION_ARGS[@]}"
 run_stage ffn 45 "$PYTHON" -m bench.ffn --out "$OUT_DIR" --no-plot "${FFN_ARGS[@]}"
 run_stage cross_entropy 25 "$PYTHON" -m bench.cross_entropy --out "$OUT_DIR" --no-plot "${CROSS_ENTROPY_ARGS[@]}"
