@@ -386,7 +386,8 @@ def _require_cuda_kernels():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (2, 3, 77, 64), (1, 2, 300, 128), (2, 2, 129, 32), (1, 4, 1000, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (2, 3, 77, 64), (1, 2, 300, 128), (2, 2, 129, 32),
+                                   pytest.param((1, 4, 1000, 64), marks=pytest.mark.slow)])
 def test_cuda_attention_matches_reference(shape, causal, dtype):
     _require_cuda_kernels()
     compare_with_reference("attention", lambda: [torch.randn(shape) for _ in range(3)], dtype, backend="cuda",
@@ -431,8 +432,15 @@ def test_cuda_cross_entropy_matches_reference(rows, vocab, dtype):
     compare_with_reference("cross_entropy", make, dtype, backend="cuda", device="cuda")
 
 
+# The forward ops run in the GPU check's short stage; the rest are marked slow.
+CUDA_OPCHECK_QUICK = {"attention_forward-causal", "bias_gelu-erf", "layer_norm_forward", "cross_entropy_forward"}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [case for case in OPCHECK_CASES if case != "attention_forward-transposed-views"])
+@pytest.mark.parametrize("case", [
+    case if case in CUDA_OPCHECK_QUICK else pytest.param(case, marks=pytest.mark.slow)
+    for case in OPCHECK_CASES if case != "attention_forward-transposed-views"
+])
 def test_cuda_opcheck(case):
     """Every op but strided attention inputs, which only the CPU kernels take (the wrapper makes CUDA inputs
     contiguous)."""
