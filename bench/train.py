@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import sys
 import tempfile
@@ -161,14 +160,13 @@ def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torc
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
-            loss = torch.zeros((), device=device)
             for _ in range(steps):
-                loss = trainer.train_step()
+                loss, finite = trainer.train_step()
             harness.synchronize(device)
             elapsed = time.perf_counter() - started
             row["loss"] = loss.item()
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite loss {row['loss']}")
+            if not finite.item():  # a non-finite step is skipped by the trainer and reports loss 0
+                raise FloatingPointError("non-finite loss or gradient norm in the last timed step")
             step_s = elapsed / steps
             achieved = flop_per_token(trainer.model, seq_len) * trainer.tokens_per_step / step_s
             row.update(ms=step_s * 1e3, tokens_per_s=trainer.tokens_per_step / step_s, tflops=achieved / 1e12,
