@@ -313,9 +313,10 @@ def _load_nanogpt_folder(folder: Path, tokenizer) -> TokenData:
         if meta_path.is_file():
             meta = read_meta_pickle(meta_path)
             itos = meta.get("itos")
-            if isinstance(itos, dict) and len(itos) == meta["vocab_size"]:
-                tokenizer = CharTokenizer("".join(str(itos[i]) for i in range(len(itos))))
-            else:
+            entries = [itos.get(i) for i in range(len(itos))] if isinstance(itos, dict) else []
+            if len(entries) == meta["vocab_size"] and all(isinstance(e, str) and len(e) == 1 for e in entries):
+                tokenizer = CharTokenizer("".join(entries))
+            else:  # not a one-character-per-id vocabulary: keep the ids opaque rather than misread them
                 tokenizer = IdTokenizer(int(meta["vocab_size"]))
         else:
             tokenizer = IdTokenizer(50257)  # nanoGPT's BPE folders (GPT-2 vocabulary) carry no meta.pkl

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,8 @@ def wrap(model: nn.Module, context: Context, device: torch.device, fsdp: bool) -
     if not context.enabled:
         return objective
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids)
+    # broadcast_buffers=False: the only buffer (the sinusoidal table) is the same on every rank.
+    return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
 
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -128,3 +134,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
                     optimizer_state: dict) -> None:
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_model_state(model: nn.Module, model_state: dict) -> None:
+    """Load weights only, leaving a fresh optimizer untouched (no state, no step taken)."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))

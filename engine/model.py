@@ -83,7 +83,8 @@ class GPTConfig:
         return cls(**values)
 
 
-# Presets by name. vocab_size is set from the tokenizer when training on a corpus; gpt2 fixes it.
+# Presets by name. Training sets vocab_size from the tokenizer (gpt2's 50257 is GPT-2's BPE vocabulary,
+# which a nanoGPT folder of GPT-2 ids or an imported GPT-2 brings; --vocab-size may pad it).
 PRESETS: dict[str, dict] = {
     # About 250K parameters: trains to a readable loss on a laptop CPU in minutes.
     "toy": dict(d_model=64, n_heads=4, d_ff=256, n_layers=5, max_seq_len=128),

@@ -153,6 +153,14 @@ class StopRequest:
             signal.signal(number, handler)
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by a crash mid-write counts as after any step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
+
+
 class Trainer:
     """Owns the model, optimizer, data and run folder; `run()` trains and returns an exit status."""
 
@@ -181,10 +189,13 @@ class Trainer:
         self.elapsed = 0.0
         self.grad_norm = torch.zeros((), device=device)  # the last step's gradient norm, before clipping
         # Non-finite steps, counted on the device and read at log intervals: the total skipped, the
-        # current run of consecutive ones, and the step where that run began.
+        # current run of consecutive ones and the step where it began, and the longest run since the
+        # last log step.
         self.skipped_steps = torch.zeros((), dtype=torch.long, device=device)
         self.bad_streak = torch.zeros((), dtype=torch.long, device=device)
         self.bad_streak_start = torch.zeros((), dtype=torch.long, device=device)
+        self.worst_streak = torch.zeros((), dtype=torch.long, device=device)
+        self.worst_streak_start = torch.zeros((), dtype=torch.long, device=device)
         if checkpoint is not None:
             self._restore(checkpoint)
         # The loss (forward, LM head and cross-entropy) is what each step runs; compile that.
@@ -215,6 +226,7 @@ class Trainer:
             "data_source": self.data.source,
             "rng": rng,
             "skipped_steps": int(self.skipped_steps.item()),
+            "bad_streak": [int(self.bad_streak.item()), int(self.bad_streak_start.item())],
         }
 
     def _restore(self, checkpoint: dict) -> None:
@@ -222,14 +234,16 @@ class Trainer:
         if optimizer_state.get("state"):
             distributed.load_full_state(self.model, self.optimizer, checkpoint["model"], optimizer_state)
         else:  # a fresh optimizer (e.g. a model imported from Hugging Face): only the weights to load
-            distributed.load_full_state(self.model, self.optimizer, checkpoint["model"],
-                                        distributed.full_state(self.model, self.optimizer)[1])
+            distributed.load_full_model_state(self.model, checkpoint["model"])
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = checkpoint["step"]
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.elapsed = checkpoint.get("elapsed", 0.0)
         self.skipped_steps.fill_(checkpoint.get("skipped_steps", 0))
+        streak, streak_start = checkpoint.get("bad_streak", (0, 0))
+        self.bad_streak.fill_(streak)
+        self.bad_streak_start.fill_(streak_start)
         self.data_generator.set_state(checkpoint["rng"]["data"])
         per_rank = checkpoint["rng"].get("per_rank", [])
         if len(per_rank) == self.context.world_size:  # same world size: every rank continues its own stream
@@ -253,7 +267,7 @@ class Trainer:
         if not path.exists():
             return
         rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in rows if _row_step(line) <= step]
         if len(kept) != len(rows):
             temporary = path.with_name(".metrics.jsonl.tmp")
             temporary.write_text("".join(line + "\n" for line in kept))
@@ -267,7 +281,7 @@ class Trainer:
             handle.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
             for name, value in row.items():
-                if name != "step":
+                if name != "step" and value is not None:
                     self.tensorboard.add_scalar(name, value, row["step"])
 
     # ------------------------------------------------------------------ steps
@@ -284,6 +298,14 @@ class Trainer:
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
+    def _gradient_sync(self, enabled: bool):
+        """DDP: no_sync() on all but the last micro-step. FSDP2: its own switch for the same thing."""
+        if hasattr(self.train_module, "set_requires_gradient_sync"):
+            self.train_module.set_requires_gradient_sync(enabled)
+        elif not enabled and hasattr(self.train_module, "no_sync"):
+            return self.train_module.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over grad_accum micro-batches.
 
@@ -299,9 +321,7 @@ class Trainer:
             x, y = self._batch("train", self.data_generator)
             # Under DDP gradients are all-reduced on the last micro-step only.
             last = micro_step == self.config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.train_module, "no_sync") \
-                else self.train_module.no_sync()
-            with sync:
+            with self._gradient_sync(last):
                 with nvtx_range("forward"), self.autocast():
                     loss = self.loss_fn(x, y)
                 with nvtx_range("backward"):
@@ -328,6 +348,11 @@ class Trainer:
         self.skipped_steps += bad
         self.bad_streak_start = torch.where(self.bad_streak == 0, self.step + 1, self.bad_streak_start)
         self.bad_streak = (self.bad_streak + 1) * bad
+        # The longest streak since the last log step, so a streak that ended between two log
+        # steps is still seen there.
+        longer = self.bad_streak > self.worst_streak
+        self.worst_streak = torch.where(longer, self.bad_streak, self.worst_streak)
+        self.worst_streak_start = torch.where(longer, self.bad_streak_start, self.worst_streak_start)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return torch.where(finite, mean_loss, torch.zeros_like(mean_loss)), finite
@@ -361,8 +386,9 @@ class Trainer:
         interactive = sys.stderr.isatty() and self.context.is_main
         progress = tqdm(total=config.max_steps, initial=start_step, disable=not interactive, unit="step",
                         dynamic_ncols=True, leave=True)
-        started = time.perf_counter()
+        started = run_started = time.perf_counter()
         window_start, window_steps = started, 0
+        out_of_time = False
         running_loss = torch.zeros((), device=self.device)
         running_grad_norm = torch.zeros((), device=self.device)
         finite_steps = torch.zeros((), device=self.device)
@@ -386,29 +412,37 @@ class Trainer:
                 profiler.step()
                 window_steps += 1
                 progress.update(1)
-                now = time.perf_counter()
-                log_step = self.step % config.log_interval == 0 or self.step == config.max_steps
+                # max_time counts this invocation's training, so a resumed run gets the budget again.
+                out_of_time = config.max_time is not None and time.perf_counter() - run_started >= config.max_time
+                wants_stop = stop.signal_number is not None or out_of_time
+                # A single process logs (and so stops) at once; under torchrun the ranks agree at log steps.
+                log_step = (self.step % config.log_interval == 0 or self.step == config.max_steps
+                            or (wants_stop and not self.context.enabled))
                 if log_step:
                     # The one host sync per log interval (and, under torchrun, one all_reduce).
                     sums = distributed.mean_across_ranks(torch.stack([running_loss, running_grad_norm]), self.context)
-                    counts = torch.stack([finite_steps, self.skipped_steps.float(), self.bad_streak.float(),
-                                          self.bad_streak_start.float()])
+                    counts = torch.stack([finite_steps, self.skipped_steps.float(), self.worst_streak.float(),
+                                          self.worst_streak_start.float()])
                     (loss_sum, grad_norm_sum), (good, skipped, streak, streak_start) = sums.tolist(), counts.tolist()
-                    loss = loss_sum / good if good else float("nan")
-                    grad_norm = grad_norm_sum / good if good else float("nan")
+                    now = time.perf_counter()  # after the sync: the window's GPU work is done
+                    loss = loss_sum / good if good else None  # None (JSON null) when every step was skipped
+                    grad_norm = grad_norm_sum / good if good else None
                     tokens_per_s = window_steps * self.tokens_per_step / max(now - window_start, 1e-9)
                     row = {"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, config),
                            "tokens_per_s": tokens_per_s, "tokens": self.tokens_seen,
                            "elapsed_s": self.elapsed + now - started, "grad_norm": grad_norm,
                            "skipped_steps": int(skipped)}
+                    self.worst_streak.copy_(self.bad_streak)
+                    self.worst_streak_start.copy_(self.bad_streak_start)
                     if streak >= config.max_bad_steps:
                         stop_reason = (f"stopping: the loss or gradient norm was not finite for {int(streak)} "
                                        f"consecutive steps since step {int(streak_start)} (each was skipped); "
                                        f"lower --lr or check the data")
                     self._write_metrics(row)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    shown = "skipped" if loss is None else f"{loss:.4f}"
+                    progress.set_postfix(loss=shown, lr=f"{row['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                     if not interactive:
-                        self.log(f"step {self.step}/{config.max_steps} | loss {loss:.4f} | lr {row['lr']:.2e} | "
+                        self.log(f"step {self.step}/{config.max_steps} | loss {shown} | lr {row['lr']:.2e} | "
                                  f"{tokens_per_s:,.0f} tok/s")
                     running_loss.zero_()
                     running_grad_norm.zero_()
@@ -425,11 +459,7 @@ class Trainer:
                     self.save()
                     last_saved_step = self.step
                     window_start += time.perf_counter() - eval_started  # tokens/s counts training time only
-                out_of_time = config.max_time is not None and self.elapsed + time.perf_counter() - started >= config.max_time
-                wants_stop = stop.signal_number is not None or out_of_time or stop_reason is not None
-                # Ranks must stop at the same step; under torchrun they agree at log steps only.
-                if distributed.any_rank(wants_stop, self.context, self.device) if log_step else (
-                        wants_stop and not self.context.enabled):
+                if log_step and distributed.any_rank(wants_stop or stop_reason is not None, self.context, self.device):
                     break
             self.elapsed += time.perf_counter() - started
             profiler.close()

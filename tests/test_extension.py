@@ -329,10 +329,10 @@ def test_convergence_matches_reference():
 
 def test_dropout_is_rejected_not_ignored():
     q = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ValueError, match=r"do not implement dropout in attention \(dropout_p=0.1\)"):
+    with pytest.raises(ValueError, match=r"backend 'cpp' does not implement dropout in 'attention'"):
         ops.attention(q, q, q, dropout_p=0.1, backend="cpp")
     x = torch.randn(2, 8)
-    with pytest.raises(ValueError, match=r"do not implement dropout in ffn \(dropout_p=0.2\)"):
+    with pytest.raises(ValueError, match=r"backend 'cpp' does not implement dropout in 'ffn'"):
         ops.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, x, dropout_p=0.2, backend="cpp")
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         ops.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, x, activation="relu", backend="cpp")

@@ -1,6 +1,7 @@
 """Faults a long run meets: SIGKILL at any moment, non-finite steps, a full disk, hostile data."""
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -164,3 +165,65 @@ def test_data_loader_fuzz(tmp_path):
             assert str(error) and "\n" not in str(error)
             outcomes["error"] += 1
     assert outcomes["data"] > 0 and outcomes["error"] > 0, outcomes
+
+
+def test_a_streak_between_log_steps_still_stops_the_run(tmp_path, corpus, capsys):
+    """The limit counts the longest streak since the last log step, not the streak at the log step."""
+    run = tmp_path / "run"
+    status = main([*SMALL, "--data", str(corpus), "--max-steps", "200", "--lr", "1e9", "--warmup-steps", "0",
+                   "--grad-clip", "0", "--max-bad-steps", "3", "--log-interval", "50", "--out", str(run)])
+    assert status == 1
+    assert "not finite for" in capsys.readouterr().out
+    assert load_checkpoint(run)["step"] == 50  # stopped at the first log step after the streak
+
+
+def test_a_torn_metrics_line_does_not_block_resume(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main([*SMALL, "--data", str(corpus), "--max-steps", "4", "--log-interval", "1", "--out", str(run)]) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # killed mid-write
+    assert main(["--resume", str(run), "--max-steps", "6"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
+
+
+def test_max_time_is_per_invocation(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main([*SMALL, "--data", str(corpus), "--max-steps", "100000", "--max-time", "1s", "--out", str(run)]) == 0
+    first = load_checkpoint(run)["step"]
+    assert main(["--resume", str(run)]) == 0  # keeps --max-time 1s: another second of training
+    assert load_checkpoint(run)["step"] > first + 1
+
+
+def test_explicit_backend_without_dropout_is_refused_before_the_run_folder(tmp_path, corpus, capsys):
+    from engine import ops
+
+    if not ops.available_backends()["cpp"][0]:
+        pytest.skip("the cpp backend is not built")
+    status = entry_point([*SMALL, "--data", str(corpus), "--backend", "cpp", "--dropout", "0.1",
+                          "--out", str(tmp_path / "run")])
+    ops.set_backend("auto")
+    assert status == 2
+    assert "backend 'cpp' does not implement dropout in 'attention'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_stale_metrics_without_checkpoint_are_refused(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
+    assert entry_point([*SMALL, "--data", str(corpus), "--out", str(run)]) == 2
+    assert "holds metrics.jsonl of an earlier run" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 4.0}\n'
+
+
+def test_weights_only_checkpoint_starts_a_fresh_optimizer(tmp_path, corpus):
+    trainer = make_trainer(tmp_path, corpus)
+    state = trainer.state()
+    state["optimizer"] = {"state": {}, "param_groups": []}  # what engine.hf import writes, in effect
+    data = trainer.data
+    resumed = Trainer(trainer.model_config, trainer.config, data, tmp_path, torch.device("cpu"), torch.float32,
+                      checkpoint=state)
+    assert len(resumed.optimizer.state) == 0  # no zero-lr step taken: Adam's bias correction starts at 1
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name])

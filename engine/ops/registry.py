@@ -131,6 +131,9 @@ def resolve_name(op: str, device_type: str, backend: str | None = None, dropout:
             )
         if op not in record.ops:
             raise BackendError(f"backend {choice!r} does not implement {op!r}; use --backend auto to fall back")
+        if dropout and op not in record.dropout_ops:
+            raise BackendError(f"backend {choice!r} does not implement dropout in {op!r}; train with --dropout 0, "
+                               f"or use --backend auto, torch or reference")
         return choice
     for name in AUTO_PREFERENCE.get(device_type, ()):
         if _supports(name, op, device_type, dropout):
