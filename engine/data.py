@@ -263,9 +263,10 @@ class TokenData:
                     f"{seq_len + 1}; use more data or a smaller --max-seq-len"
                 )
 
-    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
-              rank: int = 0, world_size: int = 1):
-        """Random windows: inputs x (B, T) and next-token targets y (B, T), int64 on the CPU.
+    def windows(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
+                rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Random windows of seq_len + 1 tokens, (B, T + 1) int64 on the CPU: inputs are [:, :-1],
+        next-token targets [:, 1:] (see `batch`).
 
         Under data parallelism every rank draws the same global batch of batch_size * world_size
         windows and keeps slice `rank`: N ranks see exactly what one process with N times the batch sees.
@@ -273,8 +274,12 @@ class TokenData:
         tokens = self.train if split == "train" else self.val
         starts = torch.randint(len(tokens) - seq_len, (batch_size * world_size,), generator=generator)
         starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
-        windows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
-        windows = torch.from_numpy(windows)
+        return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
+
+    def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
+              rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs x (B, T) and next-token targets y (B, T) from `windows`."""
+        windows = self.windows(split, batch_size, seq_len, generator, rank, world_size)
         return windows[:, :-1], windows[:, 1:]
 
 

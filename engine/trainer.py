@@ -292,11 +292,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _batch(self, split: str, generator: torch.Generator):
-        x, y = self.data.batch(split, self.config.batch_size, self.model_config.max_seq_len, generator,
-                               self.context.rank, self.context.world_size)
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        windows = self.data.windows(split, self.config.batch_size, self.model_config.max_seq_len, generator,
+                                    self.context.rank, self.context.world_size)  # (B, T + 1)
+        if self.device.type == "cuda":  # one pinned, asynchronous copy; inputs and targets are views of it
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
 
     def _gradient_sync(self, enabled: bool):
         """DDP: no_sync() on all but the last micro-step. FSDP2: its own switch for the same thing."""
@@ -336,7 +336,12 @@ class Trainer:
                     [p.grad for p in self.model.parameters() if p.grad is not None])
             self.grad_norm = distributed.plain_tensor(self.grad_norm)
             mean_loss = total / self.config.grad_accum
-            finite = torch.isfinite(mean_loss) & torch.isfinite(self.grad_norm)  # stays on the device
+            # Stays on the device. Under torchrun only the gradient norm decides: it is global (the
+            # gradients are reduced), so every rank skips the same steps; a non-finite local loss
+            # gives non-finite gradients anyway.
+            finite = torch.isfinite(self.grad_norm)
+            if not self.context.enabled:
+                finite = finite & torch.isfinite(mean_loss)
             if not self.scaler.is_enabled():
                 # The fused AdamW skips its update where found_inf is 1, on the device: no host sync.
                 # (With fp16, GradScaler does the same for its own inf checks.)
