@@ -126,22 +126,35 @@ class LayerNorm(nn.Module):
 
 
 class LayerKV:
-    """One layer's cached keys and values, (B, H, T_cached, D) each; empty until the first forward."""
+    """One layer's cached keys and values, (B, H, T_cached, D) each; empty until the first forward.
+
+    The buffers grow by doubling, so appending one token is an in-place write (amortized O(1)),
+    not a copy of the whole cache; extend() returns views of the filled part.
+    """
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None  # (B, H, capacity, D)
+        self.values: torch.Tensor | None = None
+        self.length = 0
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.length
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the new positions' k, v (B, H, T_new, D); returns all of them (B, H, T_cached + T_new, D)."""
-        if self.k is not None:
-            k = torch.cat([self.k, k], dim=2)
-            v = torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        end = self.length + k.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            capacity = max(end, 2 * (0 if self.keys is None else self.keys.shape[2]))
+            keys = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            values = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+            if self.keys is not None:
+                keys[:, :, :self.length] = self.keys[:, :, :self.length]
+                values[:, :, :self.length] = self.values[:, :, :self.length]
+            self.keys, self.values = keys, values
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
 
 class KVCache:
