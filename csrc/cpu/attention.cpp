@@ -158,6 +158,21 @@ struct HeadShape {
   int64_t padded_D() const { return round_up(D, kPadD); }
 };
 
+// Rows of a head as a matmul operand: the head itself when it already has the packed layout (contiguous
+// rows of exactly padded_D() floats, T a multiple of kBlock), else a packed copy in `buffer`.
+struct Rows {
+  const float* data;
+  int64_t row;  // row stride, in floats
+  ENGINE_ALWAYS_INLINE const float* row_data(int64_t t) const { return data + t * row; }
+};
+
+ENGINE_ALWAYS_INLINE Rows rows_or_pack(float* buffer, const HeadView& src, const HeadShape& s) {
+  const int64_t Tp = s.padded_T(), Dp = s.padded_D();
+  if (src.col == 1 && src.row == Dp && s.T == Tp && s.D == Dp) return Rows{src.data, Dp};
+  pack_rows(buffer, src, s.T, s.D, Tp, Dp, 1.0f);
+  return Rows{buffer, Dp};
+}
+
 // ---------------------------------------------------------------------------------- forward
 
 struct ForwardHead {
@@ -182,8 +197,8 @@ template <class Tile>
 ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
   const int64_t T = h.shape.T, D = h.shape.D, Tp = h.shape.padded_T(), Dp = h.shape.padded_D();
   float* Qt = h.workspace;           // (Tp / kBlock) x (Dp, kBlock): Q * scale * log2(e), transposed per block
-  float* Kp = Qt + Dp * Tp;          // (Tp, Dp)
-  float* Vp = Kp + Tp * Dp;          // (Tp, Dp)
+  float* Kp = Qt + Dp * Tp;          // (Tp, Dp), if K needs packing
+  float* Vp = Kp + Tp * Dp;          // (Tp, Dp), if V needs packing
   float* St = Vp + Tp * Dp;          // (kBlock keys, kBlock queries): scores in log2 units, then probabilities
   float* O = St + kBlock * kBlock;   // (kBlock, Dp): unnormalized output of the query block
   float* m = O + kBlock * Dp;        // (kBlock,): running max of each query's scores
@@ -192,8 +207,7 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
   float* tile_sum = tile_max + kBlock;
   float* alpha = tile_sum + kBlock;  // (kBlock,): exp2(m_old - m_new)
   pack_transposed_blocks(Qt, h.q, T, D, Tp, Dp, h.scale * kLog2e);
-  pack_rows(Kp, h.k, T, D, Tp, Dp, 1.0f);
-  pack_rows(Vp, h.v, T, D, Tp, Dp, 1.0f);
+  const Rows K = rows_or_pack(Kp, h.k, h.shape), V = rows_or_pack(Vp, h.v, h.shape);
 
   for (int64_t q0 = 0; q0 < T; q0 += kBlock) {
     std::fill(O, O + kBlock * Dp, 0.0f);
@@ -204,7 +218,7 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
     const int64_t unmasked_end = h.causal ? std::min(q0 + 1, T) : T;
     for (int64_t k0 = 0; k0 < key_end; k0 += kBlock) {
       const bool diagonal = h.causal && k0 == q0;
-      gemm_block<Tile, false>(kBlock, kBlock, Dp, Kp + k0 * Dp, Dp, 1, Qt + q0 * Dp, kBlock, St, kBlock,
+      gemm_block<Tile, false>(kBlock, kBlock, Dp, K.row_data(k0), K.row, 1, Qt + q0 * Dp, kBlock, St, kBlock,
                               diagonal ? Causal::kColumnsFromRow : Causal::kFull);  // St = K Qs^T
       if (k0 + kBlock > unmasked_end) {
         for (int64_t j = 0; j < kBlock; ++j) {
@@ -247,7 +261,7 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
           for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha[i];
         }
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, St, 1, kBlock, Vp + k0 * Dp, Dp, O, Dp,
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, St, 1, kBlock, V.row_data(k0), V.row, O, Dp,
                              diagonal ? Causal::kReduceUpToRow : Causal::kFull);  // O += P V, P = St^T
     }
     const int64_t rows = std::min(kBlock, T - q0);
@@ -296,11 +310,11 @@ template <class Tile>
 ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
   const int64_t T = h.shape.T, D = h.shape.D, Tp = h.shape.padded_T(), Dp = h.shape.padded_D();
   float* Qs = h.workspace;           // (Tp, Dp): Q * scale * log2(e)
-  float* Kp = Qs + Tp * Dp;          // (Tp, Dp)
+  float* Kp = Qs + Tp * Dp;          // (Tp, Dp), if K needs packing
   float* Kt = Kp + Tp * Dp;          // (Tp / kBlock) x (Dp, kBlock)
   float* Vt = Kt + Dp * Tp;          // (Tp / kBlock) x (Dp, kBlock)
-  float* dO = Vt + Dp * Tp;          // (Tp, Dp)
-  float* dQ = dO + Tp * Dp;          // (Tp, Dp): sum over key blocks of dS K
+  float* dOp = Vt + Dp * Tp;         // (Tp, Dp), if dO needs packing
+  float* dQ = dOp + Tp * Dp;         // (Tp, Dp): sum over key blocks of dS K
   float* lse2 = dQ + Tp * Dp;        // (Tp,): lse in log2 units
   float* delta = lse2 + Tp;          // (Tp,)
   float* P = delta + Tp;             // (kBlock, kBlock)
@@ -308,17 +322,17 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
   float* dK = dS + kBlock * kBlock;  // (kBlock, Dp)
   float* dV = dK + kBlock * Dp;      // (kBlock, Dp)
   pack_rows(Qs, h.q, T, D, Tp, Dp, h.scale * kLog2e);
-  pack_rows(Kp, h.k, T, D, Tp, Dp, 1.0f);
+  const Rows K = rows_or_pack(Kp, h.k, h.shape);
   pack_transposed_blocks(Kt, h.k, T, D, Tp, Dp, 1.0f);
   pack_transposed_blocks(Vt, h.v, T, D, Tp, Dp, 1.0f);
-  pack_rows(dO, h.grad_out, T, D, Tp, Dp, 1.0f);
+  const Rows dO = rows_or_pack(dOp, h.grad_out, h.shape);
   // Padded query rows get lse2 = 0 and Delta = 0: their dO rows are zero, so they add nothing.
-  // O is packed first (into dQ, zeroed after) so that Delta's dot products read contiguous rows
-  // and vectorize as sums of partial sums, whatever out's strides.
-  pack_rows(dQ, h.out, T, D, Tp, Dp, 1.0f);
+  // O is read as contiguous rows (packed into dQ, zeroed after, if need be) so that Delta's dot
+  // products vectorize as sums of partial sums, whatever out's strides.
+  const Rows O = rows_or_pack(dQ, h.out, h.shape);
   for (int64_t i = 0; i < Tp; ++i) {
-    const float* o = dQ + i * Dp;
-    const float* g = dO + i * Dp;
+    const float* o = O.row_data(i);
+    const float* g = dO.row_data(i);
     delta[i] = sum_terms(Dp, [&](int64_t d) ENGINE_INLINE_LAMBDA { return o[d] * g[d]; });
     lse2[i] = i < T ? h.lse[i] * kLog2e : 0.0f;
   }
@@ -338,9 +352,9 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
         ENGINE_SIMD
         for (int64_t j = 0; j < kBlock; ++j) p[j] = j < valid ? exp2_approx(p[j] - row_lse2) : 0.0f;
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, P, 1, kBlock, dO + q0 * Dp, Dp, dV, Dp,
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, P, 1, kBlock, dO.row_data(q0), dO.row, dV, Dp,
                              diagonal ? Causal::kReduceFromRow : Causal::kFull);  // dV += P^T dO
-      gemm_block<Tile, false>(kBlock, kBlock, Dp, dO + q0 * Dp, Dp, 1, Vt + k0 * Dp, kBlock, dS, kBlock,
+      gemm_block<Tile, false>(kBlock, kBlock, Dp, dO.row_data(q0), dO.row, 1, Vt + k0 * Dp, kBlock, dS, kBlock,
                               diagonal ? Causal::kColumnsUpToRow : Causal::kFull);  // dP = dO V^T
       for (int64_t r = 0; r < kBlock; ++r) {
         float* ds = dS + r * kBlock;
@@ -352,7 +366,7 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
       }
       gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, 1, kBlock, Qs + q0 * Dp, Dp, dK, Dp,
                              diagonal ? Causal::kReduceFromRow : Causal::kFull);  // dK += dS^T Qs
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, kBlock, 1, Kp + k0 * Dp, Dp, dQ + q0 * Dp, Dp,
+      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, kBlock, 1, K.row_data(k0), K.row, dQ + q0 * Dp, Dp,
                              diagonal ? Causal::kReduceUpToRow : Causal::kFull);  // dQ += dS K
     }
     const int64_t rows = std::min(kBlock, T - k0);
