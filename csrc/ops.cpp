@@ -2,8 +2,9 @@
 // module `engine._C` whose import registers them.
 //
 // Implementations register per device: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(engine, CPU, m)) and,
-// in the CUDA build, csrc/cuda/glue.cpp (TORCH_LIBRARY_IMPL(engine, CUDA, m)). Shapes and
-// register_fake / register_autograd live in engine/ops/extension.py. Float tensors are float32,
+// in the CUDA build, csrc/cuda/glue.cpp (TORCH_LIBRARY_IMPL(engine, CUDA, m)). register_fake and
+// register_autograd live in engine/ops/extension.py, except attention_forward's autograd formula,
+// which is in C++ (csrc/cpu/attention.cpp, the Autograd key) to save Python per call. Float tensors are float32,
 // float16 or bfloat16 with fp32 accumulation; lse, mean and rstd are always float32.
 #include <Python.h>
 #include <torch/library.h>
