@@ -4,6 +4,7 @@ each instruction-set variant of the kernels, the input checks; `gpu`-marked test
 `cuda` backend. Everything here skips, with the reason, when engine._C is not built."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -17,7 +18,8 @@ import torch
 from engine import ops
 from engine.model import GPT, GPTConfig
 from engine.ops import extension
-from tests.tolerance import assert_within_reference_error, describe_mismatch
+from tests import tolerance
+from tests.tolerance import describe_mismatch
 
 MODULE, UNAVAILABLE_REASON = extension.load()
 pytestmark = pytest.mark.skipif(MODULE is None, reason=f"engine._C unavailable: {UNAVAILABLE_REASON}")
@@ -27,35 +29,8 @@ GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _grads(outputs, inputs, seed_grad):
-    return torch.autograd.grad(outputs, inputs, seed_grad, allow_unused=True)
-
-
-def compare_with_reference(fn_name, make_inputs, dtype, backend="cpp", device="cpu", kwargs=None):
-    """Run `reference` in fp64 and in dtype and `backend` in dtype on the same inputs; check the output
-    and the gradient of every floating-point input by the precision contract's 2x rule."""
-    kwargs = kwargs or {}
-    base = make_inputs()
-
-    def converted(to_dtype):
-        return [t.detach().to(device=device, dtype=to_dtype).requires_grad_() if t is not None and t.is_floating_point()
-                else (t.to(device) if t is not None else None) for t in base]
-
-    exact_in, reference_in, backend_in = converted(torch.float64), converted(dtype), converted(dtype)
-    exact = getattr(ops, fn_name)(*exact_in, backend="reference", **kwargs)
-    low_reference = getattr(ops, fn_name)(*reference_in, backend="reference", **kwargs)
-    actual = getattr(ops, fn_name)(*backend_in, backend=backend, **kwargs)
-    assert actual.dtype == low_reference.dtype, f"{fn_name}: dtype {actual.dtype} != reference's {low_reference.dtype}"
-    assert_within_reference_error(actual, low_reference, exact, f"{fn_name} output")
-    seed = torch.randn_like(exact) if exact.dim() else torch.ones_like(exact)
-    differentiable = [i for i, t in enumerate(base) if t is not None and t.is_floating_point()]
-    exact_grads = _grads(exact, [exact_in[i] for i in differentiable], seed)
-    reference_grads = _grads(low_reference, [reference_in[i] for i in differentiable], seed.to(low_reference.dtype))
-    actual_grads = _grads(actual, [backend_in[i] for i in differentiable], seed.to(actual.dtype))
-    for position, e, r, a in zip(differentiable, exact_grads, reference_grads, actual_grads):
-        assert a is not None, f"{fn_name}: no gradient for input {position}"
-        assert a.dtype == r.dtype, f"{fn_name}: grad of input {position} has dtype {a.dtype}, expected {r.dtype}"
-        assert_within_reference_error(a, r, e, f"{fn_name} grad of input {position}")
+# The 2x-rule comparison against reference and fp64, on the cpp backend unless a test names another.
+compare_with_reference = functools.partial(tolerance.compare_with_reference, backend="cpp")
 
 
 # ------------------------------------------------------------------------ ops vs reference

@@ -9,7 +9,7 @@ import torch
 
 from engine import ops
 from engine.ops import reference
-from tests.tolerance import assert_within_reference_error, describe_mismatch
+from tests.tolerance import compare_with_reference, describe_mismatch
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -59,37 +59,11 @@ def test_reference_attention_dropout_zeroes_and_rescales():
     assert abs(out.mean().item() - 1.0) < 0.15
 
 
-def _grads(outputs, inputs, seed_grad):
-    return torch.autograd.grad(outputs, inputs, seed_grad, allow_unused=True)
-
-
-def _compare_op(fn_name, make_inputs, dtype, kwargs=None):
-    """Run reference (fp64 and dtype) and torch (dtype); check output and all gradients by the 2x rule."""
-    kwargs = kwargs or {}
-    base = make_inputs()
-
-    def converted(to_dtype):
-        return [t.detach().to(to_dtype).requires_grad_() if t is not None and t.is_floating_point() else t
-                for t in base]
-
-    exact_in, low_ref_in, low_torch_in = converted(torch.float64), converted(dtype), converted(dtype)
-    exact = getattr(ops, fn_name)(*exact_in, backend="reference", **kwargs)
-    low_ref = getattr(ops, fn_name)(*low_ref_in, backend="reference", **kwargs)
-    low_torch = getattr(ops, fn_name)(*low_torch_in, backend="torch", **kwargs)
-    assert_within_reference_error(low_torch, low_ref, exact, f"{fn_name} output")
-    seed = torch.randn_like(exact) if exact.dim() else torch.ones_like(exact)
-    differentiable = [i for i, t in enumerate(base) if t is not None and t.is_floating_point()]
-    exact_g = _grads(exact, [exact_in[i] for i in differentiable], seed)
-    ref_g = _grads(low_ref, [low_ref_in[i] for i in differentiable], seed.to(low_ref.dtype))
-    torch_g = _grads(low_torch, [low_torch_in[i] for i in differentiable], seed.to(low_torch.dtype))
-    for position, e, r, t in zip(differentiable, exact_g, ref_g, torch_g):
-        assert_within_reference_error(t, r, e, f"{fn_name} grad of input {position}")
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 3, 37, 32), (1, 2, 64, 64)])
 def test_torch_attention_matches_reference(shape, dtype):
-    _compare_op("attention", lambda: [torch.randn(shape) for _ in range(3)], dtype, {"causal": True})
+    compare_with_reference("attention", lambda: [torch.randn(shape) for _ in range(3)], dtype, "torch",
+                           kwargs={"causal": True})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,7 +74,7 @@ def test_torch_ffn_matches_reference(rows, d_model, d_ff, bias, activation, dtyp
         return [torch.randn(rows, d_model), torch.randn(d_ff, d_model) * 0.2,
                 torch.randn(d_ff) if bias else None, torch.randn(d_model, d_ff) * 0.2,
                 torch.randn(d_model) if bias else None, torch.randn(rows, d_model)]
-    _compare_op("ffn", make, dtype, {"activation": activation})
+    compare_with_reference("ffn", make, dtype, "torch", kwargs={"activation": activation})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -108,8 +82,8 @@ def test_torch_ffn_matches_reference(rows, d_model, d_ff, bias, activation, dtyp
 # and over 129 rows it exceeds the 2x rule (by ~1.5x); that is the baseline's error, not ours.
 @pytest.mark.parametrize("rows,hidden,bias", [(1, 96, True), (7, 200, True), (33, 64, False)])
 def test_torch_layer_norm_matches_reference(rows, hidden, bias, dtype):
-    _compare_op("layer_norm", lambda: [torch.randn(rows, hidden) * 3 + 1, torch.randn(hidden),
-                                       torch.randn(hidden) if bias else None], dtype)
+    compare_with_reference("layer_norm", lambda: [torch.randn(rows, hidden) * 3 + 1, torch.randn(hidden),
+                                       torch.randn(hidden) if bias else None], dtype, "torch")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -120,7 +94,7 @@ def test_torch_cross_entropy_matches_reference(rows, vocab, ignore, dtype):
         if ignore:
             targets[::3] = -1
         return [torch.randn(rows, vocab) * 2, targets]
-    _compare_op("cross_entropy", make, dtype)
+    compare_with_reference("cross_entropy", make, dtype, "torch")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,7 +103,7 @@ def test_torch_linear_cross_entropy_matches_reference(dtype):
         targets = torch.randint(0, 65, (9,))
         targets[2] = -1
         return [torch.randn(9, 32), torch.randn(65, 32) * 0.3, targets]
-    _compare_op("linear_cross_entropy", make, dtype)
+    compare_with_reference("linear_cross_entropy", make, dtype, "torch")
 
 
 def test_reference_cross_entropy_equals_definition():
@@ -158,7 +132,8 @@ def test_available_backends_reports_reference_and_torch():
 
 
 def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(ops.BackendError, match="unknown backend 'fast'; known backends: auto, reference, torch, triton, cuda, cpp"):
+    known = "auto, reference, torch, triton, cuda, cpp"
+    with pytest.raises(ops.BackendError, match=f"unknown backend 'fast'; known backends: {known}"):
         ops.set_backend("fast")
 
 
