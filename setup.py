@@ -89,7 +89,10 @@ setup(
     version="0.1.0",
     description="A GPT training engine whose hot path runs on hand-written kernels",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "bench", "bench.*"]),
+    # One top-level import name, `engine`. engine/kernels is a link to the Triton kernels in kernels/
+    # (a folder without __init__.py, so nothing run from the checkout shadows PyPI's unrelated
+    # `kernels`); the wheel holds them at engine/kernels/. bench/ runs from the checkout only.
+    packages=[*find_packages(include=["engine", "engine.*"]), "engine.kernels"],
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={"test": ["pytest>=8"]},
     ext_modules=ext_modules,

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ffn import matmul
+from engine.kernels.ffn import matmul
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

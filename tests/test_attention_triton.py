@@ -179,7 +179,7 @@ SM90_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.attention as attention
+import engine.kernels.attention as attention
 
 assert not attention.INTERPRETING
 kernels = [(attention._attention_forward_kernel, attention._FORWARD_BLOCKS, ("BLOCK_M", "BLOCK_N")),

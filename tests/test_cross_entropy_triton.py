@@ -9,7 +9,7 @@ import torch
 
 import engine.ops.triton.cross_entropy  # noqa: F401  (registers torch.ops.engine_triton.*cross_entropy*)
 from engine import ops
-from kernels import cross_entropy as kernel
+from engine.kernels import cross_entropy as kernel
 from tests.tolerance import assert_within_reference_error
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from kernels.attention import attention_backward, attention_forward, check_inputs
+from engine.kernels.attention import attention_backward, attention_forward, check_inputs
 
 
 @torch.library.custom_op("engine_triton::attention_forward", mutates_args=())

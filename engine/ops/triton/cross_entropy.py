@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cross_entropy as kernel
+from engine.kernels import cross_entropy as kernel
 
 
 @torch.library.custom_op("engine_triton::cross_entropy_forward", mutates_args=())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import ffn as kernel
+from engine.kernels import ffn as kernel
 
 _SEED_LIMIT = 2**31 - 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import layernorm as kernel
+from engine.kernels import layernorm as kernel
 
 
 @torch.library.custom_op("engine_triton::layer_norm_forward", mutates_args=())
