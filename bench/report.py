@@ -257,6 +257,8 @@ TARGETS = {
     "train_vs_compile": ("gpt2 training tokens/s, auto vs torch.compile of torch", 1.1, ">="),
 }
 SDPA_NAMES = ("torch", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+CHECK_TAIL_LINES = 15
+TRAIN_WARMUP_STEPS = 2  # bench/gpu_check.sh runs bench.train with --warmup 2
 
 
 def _read_tsv(path: Path) -> list[list[str]]:
@@ -447,7 +449,10 @@ def check_summary(folder: Path) -> str:
         out += ["", "## sanitizer", "", *[f"- {line}" for line in sanitizer]]
     benchmarks = compact_summary(folder)
     if not benchmarks.startswith("no results"):
-        out += ["", "## benchmarks", "", benchmarks]
+        out += ["", "## benchmarks", "", benchmarks, "", _compiled_after_warmup_line(folder)]
+    if (folder / "check.log").exists():
+        tail = (folder / "check.log").read_text(errors="replace").splitlines()[-CHECK_TAIL_LINES:]
+        out += ["", f"## check (the last {CHECK_TAIL_LINES} lines of check.log)", "", "```", *tail, "```"]
     values = target_values(folder)
     measured = []
     for key, (label, threshold, comparison) in TARGETS.items():
@@ -468,6 +473,33 @@ def check_summary(folder: Path) -> str:
     ]
     out += ["", "## answers", "", _markdown(["question", "answer"], answers)]
     return "\n".join(out) + "\n"
+
+
+def _compiled_after_warmup_line(folder: Path) -> str:
+    """How many op rows compiled or autotuned inside their timed calls, and the same per bench.train run."""
+    rows = [row for path in sorted(folder.glob("*.jsonl")) for row in load_rows(path) if row.get("op")]
+    suspect = [row for row in rows if compiled_after_warmup(row)]
+    line = f"compiled after warm-up: {len(suspect)} of {len(rows)} op rows"
+    if suspect:
+        line += " (" + "; ".join(f"{r['op']} {r['backend']} {r['pass']} {r['label']}" for r in suspect[:5]) + ")"
+    steps = _jsonl(folder / "runs" / "bench_train-steps.jsonl")
+    runs: list[list[dict]] = []
+    for row in steps:  # a new Trainer starts at step 1 again
+        if not runs or row["step"] <= runs[-1][-1]["step"]:
+            runs.append([])
+        runs[-1].append(row)
+    names = [row["backend"] for row in _jsonl(folder / "train.jsonl")]
+    parts = []
+    for index, run in enumerate(runs):
+        name = names[index] if len(names) == len(runs) else f"run {index + 1}"
+        warm = next((row for row in run if row["step"] == TRAIN_WARMUP_STEPS), None)
+        if warm is None or warm is run[-1]:
+            continue
+        after = {key: run[-1][key] - warm[key] for key in ("triton_compiles", "autotune_keys", "dynamo_graphs")}
+        parts.append(f"{name}: " + (", ".join(f"{v} {k}" for k, v in after.items() if v) or "none"))
+    if parts:
+        line += f"; bench.train after step {TRAIN_WARMUP_STEPS}: " + "; ".join(parts)
+    return line
 
 
 def _device_lines(path: Path) -> list[str]:

@@ -442,9 +442,17 @@ def test_check_summary_answers_from_what_the_stages_wrote(tmp_path):
     _write_jsonl(tmp_path / "linear_cross_entropy.jsonl", [
         _op_row("linear_cross_entropy", "torch", "fwd+bwd", lce, 5.0, peak_mem_mb=1000.0),
         _op_row("linear_cross_entropy", "triton", "fwd+bwd", lce, 4.0, peak_mem_mb=500.0)])
+    _write_jsonl(tmp_path / "train.jsonl", [
+        {"op": "train", "backend": name, "status": "error: x", "label": "gpt2", "dtype": "bf16", "ms": None,
+         "shape": {"preset": "gpt2", "batch_size": 8, "seq_len": 1024}} for name in ("torch", "auto")])
+    _write_jsonl(tmp_path / "runs" / "bench_train-steps.jsonl",
+                 [{"step": s, "seconds": 0.1, **counts} for s in (1, 2, 3)]
+                 + [{"step": s, "seconds": 0.1, **counts, "autotune_keys": 10 + (s > 2)} for s in (1, 2, 3)])
 
     summary = report.check_summary(tmp_path)
     assert summary.startswith("# GPU check: NVIDIA H200, commit abc123")
+    assert ("compiled after warm-up: 0 of 9 op rows; bench.train after step 2: torch: none; auto: 1 autotune_keys"
+            in summary)
     assert "tests/data/shakespeare.txt" in summary
     # tokens/s: the median after step 10 (steps 11, 12); final loss: the mean of the last 10 steps' losses.
     assert "| auto | 3 | 31.5 | 11,500 | 3.25 | 2.90 | 1 triton_compiles |" in summary
@@ -467,13 +475,13 @@ def test_check_summary_answers_from_what_the_stages_wrote(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_cpu_dry_run_packs_one_archive_after_every_stage(tmp_path):
-    """The script itself on the CPU: two stages selected, the second cut off by its limit."""
+    """The script itself on the CPU: the device stage, then one stage selected and cut off by its limit."""
     import os
     import subprocess
     import tarfile
 
     results, pack = tmp_path / "results", tmp_path / "pack"
-    env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_ONLY": "backends sanitize",
+    env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_ONLY": "sanitize",
            "GPU_CHECK_LIMIT_sanitize_ops": "1", "GPU_CHECK_PACK_DIR": str(pack),
            "GPU_CHECK_SCRATCH": str(tmp_path / "scratch"), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(harness.REPO_ROOT / "bench" / "gpu_check.sh"), str(results)], env=env,
@@ -481,14 +489,14 @@ def test_gpu_check_cpu_dry_run_packs_one_archive_after_every_stage(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     stages = [line.split("\t") for line in (results / "stages.tsv").read_text().splitlines()[1:]]
     status = {fields[0]: fields[1] for fields in stages}
-    assert status["device"] == "ok" and status["backends"] == "ok"
+    assert status["device"] == "ok" and status["backends"] == "not selected"
     assert status["sanitize_ops"] == "timed out after 1s"
     assert status["main_auto"] == "not selected" and status["bench_train"] == "not selected"
     with tarfile.open(pack / "gpu-check.tar.gz") as archive:
         names = set(archive.getnames())
         packed_summary = archive.extractfile("results/gpu-check-summary.md").read().decode()
-    assert {"results/stages.tsv", "results/run.tsv", "results/device.log", "results/backends.log",
-            "results/sanitize_ops.log", "results/gpu-check-summary.md"} <= names
+    assert {"results/stages.tsv", "results/run.tsv", "results/device.log", "results/sanitize_ops.log",
+            "results/gpu-check-summary.md"} <= names
     summary = (pack / "gpu-check-summary.md").read_text()
     assert summary == packed_summary and "| sanitize_ops | timed out after 1s |" in summary
     assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the answers table prints last
