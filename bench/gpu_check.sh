@@ -21,11 +21,14 @@
 #   check             150    40-150   python -m engine.check --device cuda --dtype bf16 (without engine/check.py:
 #                                     the op test files, `gpu and not slow`), ENGINE_AUTOTUNE=quick: one
 #                                     candidate per kernel and input kind, about 20 compiles
-#   prewarm           100    40-90    the compiles of the main job and of two benchmark shapes, spread over
-#                                     GPU_CHECK_SHARDS processes (default nproc, at most 16), each with
-#                                     ENGINE_AUTOTUNE=shard:I/N: FFN 4 kernels x 8 candidates (x2 with the
-#                                     sampler's one-row shape), attention D=64 6+6, D=128 4+4, FFN gelu_tanh
-#                                     32: about 110 compiles, 7 per process, into the shared Triton cache
+#   prewarm           120    50-105   the compiles of the main job, of gpt2 training and of two benchmark
+#                                     shapes, spread over GPU_CHECK_SHARDS processes (default nproc, at most
+#                                     16), each with ENGINE_AUTOTUNE=shard:I/N: FFN 4 kernels x 8 candidates
+#                                     (+16 for the sampler's one-row shape), attention D=64 6+6, D=128 4+4,
+#                                     FFN gelu_tanh 32 (bf16 benchmark) + about 16 (gpt2's fp32 residual),
+#                                     a few untuned LayerNorm and cross-entropy kernels: about 130 compiles,
+#                                     8 per process (2-9 s each), plus 4 process starts, into the shared
+#                                     Triton cache
 #   main_auto          90    30-60    python -m engine.train --preset default --max-steps 60 (auto, bf16):
 #                                     every compile a cache hit; autotuning about 60 candidates x 0.15 s
 #   main_torch         60    20-40    the same with --backend torch (no Triton)
@@ -36,7 +39,10 @@
 #   bench_*          the rest          attention T=4096 (D=128, 64) vs SDPA's backends; FFN vs torch and
 #                                     torch.compile; LayerNorm vs a copy; (linear) cross-entropy at V=50304;
 #                                     bench.train gpt2; the attention sweep T=1024..8192; in that order
-# Total: BUDGET_S=525 s of stages; each stage gets min(its limit, what is left), the final report 15 s.
+# Total: BUDGET_S=510 s from the start to the end of the last stage, each stage getting min(its limit,
+# what is left); the final report and archive take at most 30 s more: 540 s = 9 minutes in all.
+# On the GPU machine: GPU_CHECK_PACK_DIR=$OUT BENCH_COMMIT=<sha> bash bench/gpu_check.sh /tmp/gpu-check/results
+# with a call limit of 590 s; $OUT then holds the archive and the summary, two files.
 # Every Triton compile, autotuning key and torch.compile graph is counted (bench/autotune.py): the main
 # job logs them per step (none may follow step 2), the op benchmarks per row after warm-up (must be 0).
 #
@@ -53,8 +59,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-525}
-REPORT_RESERVE_S=15
+BUDGET_S=${BUDGET_S:-510}
 DEADLINE=$((SECONDS + BUDGET_S))
 CORPUS=tests/data/shakespeare.txt
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -107,7 +112,7 @@ commit=${BENCH_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unkno
 
 # pack: write the summary and replace the archive with one of the whole results folder.
 pack() {
-    timeout 30 "$PYTHON" -m bench.report --check-summary "$RESULTS" >"$SUMMARY.tmp" 2>"$RESULTS/summary.err" &&
+    timeout 10 "$PYTHON" -m bench.report --check-summary "$RESULTS" >"$SUMMARY.tmp" 2>"$RESULTS/summary.err" &&
         mv "$SUMMARY.tmp" "$SUMMARY" && cp "$SUMMARY" "$RESULTS/gpu-check-summary.md"
     tar -czf "$ARCHIVE.tmp" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" || return
     if (($(wc -c <"$ARCHIVE.tmp") > ARCHIVE_MAX_BYTES)); then # the GPU machine returns files up to 16 MiB
@@ -257,7 +262,7 @@ prewarm() {
             "$PYTHON" -m bench.autotune engine.train --data "$CORPUS" --out "$SCRATCH/prewarm-$shard" "$@" || exit 1
             for command in "${benches[@]}"; do
                 # shellcheck disable=SC2086 # each entry is a whole command line of simple words
-                "$PYTHON" -m bench.autotune $command --out "$SCRATCH/prewarm-bench-$shard" --no-plot || exit 1
+                "$PYTHON" -m bench.autotune $command --out "$SCRATCH/prewarm-bench-$shard" || exit 1
             done
         ) >"$SCRATCH/prewarm-$shard.log" 2>&1 &
         pids+=("$!")
@@ -284,7 +289,9 @@ sanitizer_flags() { # the compute-sanitizer flags this version knows
 if [[ $device == cpu ]]; then
     MAIN_ARGS=(--preset toy --max-steps 3 --batch-size 4 --eval-iters 1 --sample-tokens 8)
     PREWARM_TRAIN_ARGS=(--preset toy --max-steps 1 --batch-size 2 --eval-iters 1 --sample-tokens 0)
-    PREWARM_BENCH=""
+    PREWARM_BENCH="bench.attention --T 32 --D 16 --backends torch --passes fwd+bwd --repeats 1 --calls-per-batch 1"
+    PREWARM_BENCH+=" --no-plot;"
+    PREWARM_BENCH+="bench.train --presets toy --backends torch --steps 1 --warmup 1 --batch-size 1 --no-compile"
     OP_TEST_FILES=(tests/test_layernorm_triton.py)
     OTHER_TEST_FILES=(tests/test_cross_entropy_triton.py)
     SANITIZE_ARGS=(--ops "layer_norm,cross_entropy" --dtypes fp32)
@@ -298,9 +305,13 @@ if [[ $device == cpu ]]; then
 else
     MAIN_ARGS=(--preset default --max-steps 60 --sample-tokens 100)
     PREWARM_TRAIN_ARGS=(--preset default --max-steps 2 --eval-iters 1 --sample-tokens 2 --log-interval 1)
-    PREWARM_BENCH="bench.attention --T 4096 --D 128 --backends triton --passes fwd+bwd --repeats 1 --calls-per-batch 1;"
+    PREWARM_BENCH="bench.attention --T 4096 --D 128 --backends triton --passes fwd+bwd --repeats 1 --calls-per-batch 1"
+    PREWARM_BENCH+=" --no-plot;"
     PREWARM_BENCH+="bench.ffn --tokens 8192 --d-model 768 --d-ff 3072 --activation gelu_tanh --backends triton"
-    PREWARM_BENCH+=" --passes fwd+bwd --repeats 1 --calls-per-batch 1"
+    PREWARM_BENCH+=" --passes fwd+bwd --repeats 1 --calls-per-batch 1 --no-plot;"
+    # gpt2 training's own specializations (fp32 residual stream, bf16 autocast), one sequence per step:
+    # the same binaries as 8 x 1024 tokens (integers are specialized by divisibility only) in 3 GB, not 15.
+    PREWARM_BENCH+="bench.train --presets gpt2 --backends triton --steps 1 --warmup 1 --batch-size 1 --no-compile"
     OP_TEST_FILES=(tests/test_attention_triton.py tests/test_ffn_triton.py tests/test_layernorm_triton.py
         tests/test_cross_entropy_triton.py tests/test_extension.py)
     mapfile -t OTHER_TEST_FILES < <(grep -l 'mark.gpu' tests/test_*.py)
@@ -352,7 +363,7 @@ else
 fi
 
 # 3. the main job: auto (bf16), then the torch backend; the compiles spread over processes first.
-run_stage prewarm 100 prewarm "${PREWARM_TRAIN_ARGS[@]}"
+run_stage prewarm 120 prewarm "${PREWARM_TRAIN_ARGS[@]}"
 run_stage main_auto 90 main_job auto "${MAIN_ARGS[@]}"
 run_stage main_torch 60 main_job torch "${MAIN_ARGS[@]}"
 
@@ -383,8 +394,7 @@ run_stage bench_train 120 "$PYTHON" -m bench.autotune --steps-log "$RESULTS/runs
 run_stage bench_attention_sweep 90 "$PYTHON" -m bench.attention --out "$RESULTS" --no-plot "${ATTENTION_SWEEP_ARGS[@]}"
 
 # ---------------------------------------------------------------------------------- report
-DEADLINE=$((DEADLINE + REPORT_RESERVE_S))
-timeout 20 "$PYTHON" -m bench.report "$RESULTS" >"$RESULTS/report.log" 2>&1 ||
+timeout 10 "$PYTHON" -m bench.report "$RESULTS" >"$RESULTS/report.log" 2>&1 ||
     echo "bench.report failed: see $RESULTS/report.log"
 pack
 echo

@@ -500,3 +500,33 @@ def test_gpu_check_cpu_dry_run_packs_one_archive_after_every_stage(tmp_path):
     summary = (pack / "gpu-check-summary.md").read_text()
     assert summary == packed_summary and "| sanitize_ops | timed out after 1s |" in summary
     assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the answers table prints last
+
+
+def test_gpu_check_command_lines_parse():
+    """Every command line the GPU branch of gpu_check.sh builds is accepted by its module's parser: a
+    renamed flag must fail here, not in the middle of the 9 minutes on a GPU."""
+    import re
+    import shlex
+
+    from engine import train as engine_train
+
+    script = (harness.REPO_ROOT / "bench" / "gpu_check.sh").read_text()
+    gpu_branch = script[script.index("else\n    MAIN_ARGS"):script.index("# What the stage functions read")]
+
+    def words(name):
+        match = re.search(r"(?<![A-Z_])" + name + r"=\((.*?)\)\n", gpu_branch, flags=re.DOTALL)
+        return shlex.split(match.group(1).replace("\\\n", " "))
+
+    out = ["--out", "unused"]
+    for name, module in (("ATTENTION_ARGS", attention), ("ATTENTION_SWEEP_ARGS", attention), ("FFN_ARGS", ffn),
+                         ("LAYERNORM_ARGS", layernorm), ("CROSS_ENTROPY_ARGS", cross_entropy),
+                         ("TRAIN_ARGS", bench_train)):
+        module.build_parser().parse_args(words(name) + out)
+    for name in ("MAIN_ARGS", "PREWARM_TRAIN_ARGS"):
+        engine_train.build_parser().parse_args(words(name) + ["--data", "x", "--backend", "auto"] + out)
+    prewarm = "".join(re.findall(r'PREWARM_BENCH\+?="(.*?)"', gpu_branch)).split(";")
+    modules = {"bench.attention": attention, "bench.ffn": ffn, "bench.train": bench_train}
+    assert [shlex.split(line)[0] for line in prewarm] == list(modules)
+    for line in prewarm:
+        command = shlex.split(line)
+        modules[command[0]].build_parser().parse_args(command[1:] + out)
