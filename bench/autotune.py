@@ -74,18 +74,23 @@ def _triton_loaded() -> bool:
     return torch.cuda.is_available()
 
 
-def autotuners() -> dict[str, object]:
-    """Every triton Autotuner defined at the top level of the kernel modules, by 'module.name'."""
+def autotuners(import_modules: bool = True) -> dict[str, object]:
+    """Every triton Autotuner defined at the top level of the kernel modules, by 'module.name'.
+
+    import_modules=False looks only at kernel modules already imported (counting must not add an
+    import to a program that never uses the kernels)."""
     if not _triton_loaded():
         return {}
-    from triton.runtime.autotuner import Autotuner
-
     found = {}
     for module_name in KERNEL_MODULES:
+        if not import_modules and module_name not in sys.modules:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
+        from triton.runtime.autotuner import Autotuner
+
         for name, value in vars(module).items():
             while value is not None and not isinstance(value, Autotuner) and hasattr(value, "fn"):
                 value = value.fn  # e.g. a triton.heuristics wrapper around the autotuner
@@ -136,7 +141,7 @@ def counts() -> dict[str, int]:
     """{'triton_compiles', 'autotune_keys', 'dynamo_graphs'} so far in this process."""
     import torch
 
-    keys = sum(len(tuner.cache) for tuner in autotuners().values()) if _counters_installed else 0
+    keys = sum(len(tuner.cache) for tuner in autotuners(import_modules=False).values())
     graphs = 0
     if "torch._dynamo" in sys.modules:
         graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])

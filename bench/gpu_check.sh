@@ -205,20 +205,24 @@ build_extension() { # build_extension ARCH: engine._C in place, for ARCH only, f
 }
 
 # test_files STAGE FILE...: one pytest per file (-m "gpu and not slow", -v -rA, JUnit XML per file), each
-# within what is left of the stage's limit, a per-test timeout by pytest-timeout where installed.
+# within what is left of the stage's limit; a per-test timeout by pytest-timeout where it is installed,
+# else at most PER_FILE_S per file (a hung test then costs its file, not the stage).
 test_files() {
-    local stage=$1 file name left per_test=()
+    local stage=$1 file name left file_limit per_test=()
     shift
     local stage_deadline=$((SECONDS + STAGE_LIMIT))
     if "$PYTHON" -c 'import pytest_timeout' 2>/dev/null; then
         per_test=(--timeout="$PER_TEST_S")
+        file_limit=$STAGE_LIMIT
         echo "per-test timeout: pytest-timeout, ${PER_TEST_S}s"
     else
-        echo "per-test timeout: pytest-timeout is not installed; each file runs under timeout instead"
+        file_limit=$PER_FILE_S
+        echo "per-test timeout: pytest-timeout is not installed; each file runs under timeout ${PER_FILE_S}s instead"
     fi
     for file in "$@"; do
         name=$(basename "$file" .py)
         left=$((stage_deadline - SECONDS))
+        ((left > file_limit)) && left=$file_limit
         if ((left < 5)); then
             echo "SKIPPED FILE $file: the stage's time is spent"
             continue
@@ -302,6 +306,7 @@ if [[ $device == cpu ]]; then
     CROSS_ENTROPY_ARGS=(--rows 16 --vocab 256 --d-model 16 --repeats 2)
     TRAIN_ARGS=(--presets toy --backends "torch,auto" --steps 1 --warmup 1 --batch-size 2 --seq-len 32)
     PER_TEST_S=60
+    PER_FILE_S=60
 else
     MAIN_ARGS=(--preset default --max-steps 60 --sample-tokens 100)
     PREWARM_TRAIN_ARGS=(--preset default --max-steps 2 --eval-iters 1 --sample-tokens 2 --log-interval 1)
@@ -325,12 +330,13 @@ else
     CROSS_ENTROPY_ARGS=(--rows 8192 --vocab 50304 --d-model 768 --dtype bf16 --backends "torch,triton,cuda")
     TRAIN_ARGS=(--presets gpt2 --backends "torch,auto,triton,cuda,compile" --steps 5 --warmup 2)
     PER_TEST_S=90
+    PER_FILE_S=75
 fi
 
 printf 'main_args\t%s\n' "${MAIN_ARGS[*]}" >>"$RESULTS/run.tsv"
 
 # What the stage functions read, for `bash -c` under timeout.
-export PYTHON RESULTS SCRATCH CORPUS SHARDS PER_TEST_S PREWARM_BENCH
+export PYTHON RESULTS SCRATCH CORPUS SHARDS PER_TEST_S PER_FILE_S PREWARM_BENCH
 export -f build_extension test_files main_job prewarm
 
 # ---------------------------------------------------------------------------------- the stages
