@@ -9,13 +9,20 @@ FLOP count (the convention of the FlashAttention papers; softmax and masking not
 Default sweep: on a GPU bf16, causal, D in {64, 128}, T = 256 ... 8192 with B * T = 16384 tokens
 and H = 2048 / D (a 2048-wide model), so every point does the same token work. On a CPU fp32,
 causal, D = 64, T in {128, 256, 512}, B = 1, H = 4.
+
+Besides the engine's backends (`torch` is SDPA with PyTorch's own choice of kernel) and `compile`,
+`--backends` takes sdpa-flash, sdpa-cudnn, sdpa-efficient and sdpa-math: SDPA pinned to one of its
+backends, so that "SDPA's best backend on this card" is measured rather than assumed.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from bench import harness
 
@@ -26,6 +33,10 @@ GPU_MODEL_WIDTH = 2048
 CPU_T = (128, 256, 512)
 CPU_D = (64,)
 CPU_BATCH, CPU_HEADS = 1, 4
+# Competitors beyond the engine's backends, timed when named in --backends: PyTorch's SDPA pinned to
+# one backend each, so a run can report SDPA's best backend on the card ("torch" is SDPA's own pick).
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                 "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 
 
 def attention_flop(shape: dict) -> dict[str, float]:
@@ -41,7 +52,21 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> harnes
     return harness.Inputs((q, k, v), {"causal": shape["causal"]})
 
 
-SPEC = harness.OpBench("attention", make_inputs, flop=attention_flop, x_axis="T", series_keys=("D",))
+def sdpa_with(backend_name: str) -> Callable:
+    """PyTorch's SDPA restricted to one of its backends (torch.nn.attention.SDPBackend member name)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def attend(q, k, v, *, causal=True):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return attend
+
+
+SPEC = harness.OpBench("attention", make_inputs, flop=attention_flop, x_axis="T", series_keys=("D",),
+                       extra={name: functools.partial(sdpa_with, member) for name, member in SDPA_BACKENDS.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,8 @@ its matmuls; TFLOP/s counts them (the softmax is not counted):
 Its headline figure is peak memory: a fused backend need never hold the (N, V) logits.
 
 Default sweep: on a GPU bf16, N = 8192 rows; cross_entropy V in {8192, 32768, 50257, 128256};
-linear_cross_entropy d = 768, V in {32768, 50257}. On a CPU fp32, N = 256; cross_entropy
-V in {1024, 4096, 16384}; linear_cross_entropy d = 64, V in {1024, 4096}. All targets are valid
+linear_cross_entropy d = 768, V in {32768, 50304} (50304: GPT-2's padded vocabulary). On a CPU fp32,
+N = 256; cross_entropy V in {1024, 4096, 16384}; linear_cross_entropy d = 64, V in {1024, 4096}. All targets are valid
 (none equals ignore_index).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from bench import harness
 
 OPS = ("cross_entropy", "linear_cross_entropy")
-GPU_ROWS, GPU_VOCABS, GPU_LINEAR_VOCABS, GPU_D_MODEL = 8192, (8192, 32768, 50257, 128256), (32768, 50257), 768
+GPU_ROWS, GPU_VOCABS, GPU_LINEAR_VOCABS, GPU_D_MODEL = 8192, (8192, 32768, 50257, 128256), (32768, 50304), 768
 CPU_ROWS, CPU_VOCABS, CPU_LINEAR_VOCABS, CPU_D_MODEL = 256, (1024, 4096, 16384), (1024, 4096), 64
 
 

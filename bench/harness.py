@@ -8,13 +8,23 @@ a new backend is benchmarked as soon as the registry knows it. One extra competi
 is torch.compile of the op's `reference` implementation (plain PyTorch, fused by Inductor).
 
 Method
-- GPU: CUDA events around every call. Warm-up until at least 2 calls and 25 ms have run (the
-  first call pays for compilation and autotuning), then enough repeats for about 100 ms of work
-  (at least 10, at most 1000) unless `--repeats` fixes the count; the median is reported.
+- GPU: warm-up until at least 2 calls and 25 ms have run (the first call pays for compilation and
+  autotuning). Then batches of k back-to-back calls, one CUDA event pair around each batch, k
+  chosen so that a batch holds about 1 ms of work (at most 100 calls): one event pair per call
+  would time the 30-60 us of Python and dispatch of a 10 us kernel, not the kernel. Before each
+  batch a short `torch.cuda._sleep` keeps the device busy while the host issues the batch's k
+  calls, so the events time the queued kernels back to back, not the host. Enough batches for
+  about 100 ms of work (at least 10, at most 200) unless `--repeats` fixes the count; the median
+  per call is reported. The host time to issue one call while the device is busy is reported
+  apart as `launch_us` (launch overhead: Python, dispatcher, launches): an op whose launch_us
+  exceeds its device time is bound by the host when called eagerly.
   Inputs rotate over several copies that together exceed twice the L2 cache, so no call finds
   its inputs left in cache by the previous one.
-- CPU: one warm-up call, then the median of `repeats` calls (default 5) timed with perf_counter.
-  Inputs are not rotated.
+- CPU: one warm-up call, then the median of `repeats` batches (default 5) of k calls (default 1,
+  `--calls-per-batch`) timed with perf_counter. Inputs are not rotated.
+- Compilations after warm-up: Triton binaries loaded, new autotuning keys and torch.compile
+  graphs during the timed calls are counted (bench.autotune) and recorded per row as
+  `after_warmup`; all must be zero, or the timing includes compile work.
 - `fwd` runs with autograd on, as in training (the op saves what its backward needs).
   `bwd` replays each input copy's saved graph (retain_graph) with one fixed random output
   gradient; `fwd+bwd` runs both. Gradients are reset to None outside the timed region.
@@ -62,8 +72,11 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MAX_INPUT_SETS = 8          # copies of the inputs rotated on a GPU
 WARMUP_MS = 25.0            # GPU warm-up: at least this long ...
 MIN_WARMUP_CALLS = 2        # ... and at least this many calls
-TARGET_MS = 100.0           # GPU: repeats chosen to fill about this much time
-MIN_REPEATS, MAX_REPEATS = 10, 1000
+TARGET_MS = 100.0           # GPU: batches chosen to fill about this much time ...
+MIN_BATCHES, MAX_BATCHES = 10, 200
+BATCH_MS = 1.0              # ... each batch of k back-to-back calls about this long
+MAX_CALLS_PER_BATCH = 100
+MAX_QUEUE_AHEAD_MS = 50.0   # the longest sleep queued before a batch
 CPU_REPEATS = 5
 
 
@@ -99,6 +112,10 @@ class OpBench:
     x_axis:      the shape key the plot puts on its x axis.
     series_keys: shape keys that tell the plot's lines apart besides the backend (e.g. ("D",)).
     metric:      what the plot shows: "tflops" or "gbps".
+    extra:       further competitors by name, each a factory of the callable to time (same arguments as
+                 the engine.ops function); timed only when named in --backends (e.g. an SDPA backend).
+                 A spec whose name is no engine.ops function (e.g. a plain copy) times its extras only.
+    passes:      the passes the op has (a copy has no backward).
     """
 
     name: str
@@ -108,9 +125,13 @@ class OpBench:
     x_axis: str = "T"
     series_keys: tuple[str, ...] = ()
     metric: str = "tflops"
+    extra: dict[str, Callable[[], Callable]] = field(default_factory=dict)
+    passes: tuple[str, ...] = PASSES
 
     def implementation(self, backend: str) -> Callable:
         """The callable timed for `backend`: engine.ops.<name>(..., backend=...) or compiled reference."""
+        if backend in self.extra:
+            return self.extra[backend]()
         if backend == COMPILE:
             torch._dynamo.reset()  # a fresh compile per shape: never the silent eager fallback after recompiles
             return torch.compile(getattr(reference, self.name), dynamic=False)
@@ -183,20 +204,114 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(work: Callable[[int], None], prepare: Callable[[int], None], n_sets: int,
-               device: torch.device, repeats: int | None = None) -> tuple[float, int]:
-    """Median milliseconds of work(i) over repeats, i rotating over n_sets; returns (ms, repeats)."""
+class HostClock:
+    """Clock marks from perf_counter: right for work that is done when the call returns (CPU)."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def finish(self) -> None:
+        pass
+
+    def elapsed_ms(self, start: float, end: float) -> float:
+        return (end - start) * 1e3
+
+
+class DeviceClock:
+    """Clock marks as CUDA events on the current stream: time on the device, read after finish()."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def finish(self) -> None:
+        synchronize(self.device)
+
+    def elapsed_ms(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
+        return start.elapsed_time(end)
+
+
+@dataclass
+class Timing:
+    """What time_calls measured: median per call, and how."""
+
+    ms: float                     # median per call: device time (GPU) or wall time (CPU)
+    repeats: int                  # batches timed
+    calls_per_batch: int          # k calls between one pair of clock marks
+    launch_us: float | None       # GPU: host time to issue one call while the device is busy
+    after_warmup: dict[str, int]  # compiles / autotuning keys / compiled graphs during the timed batches
+
+
+def time_batches(work: Callable[[int], None], prepare: Callable[[int], None], n_sets: int, calls_per_batch: int,
+                 batches: int, clock, before_batch: Callable[[float], None] | None = None
+                 ) -> tuple[list[float], list[float]]:
+    """Time `batches` batches of `calls_per_batch` back-to-back calls work(i), i rotating over n_sets.
+
+    Returns (per-call milliseconds of each batch by `clock`, per-call host seconds spent issuing each
+    batch). before_batch(previous batch's host seconds), if given, runs before each batch's first
+    mark (on a GPU it queues the sleep that hides the host's issue time)."""
+    marks, issue_seconds = [], []
+    call, previous_issue = 0, None
+    for _ in range(batches):
+        if before_batch is not None:
+            before_batch(previous_issue)
+        start = clock.mark()
+        issue_started = time.perf_counter()
+        for _ in range(calls_per_batch):
+            i = call % n_sets
+            prepare(i)
+            work(i)
+            call += 1
+        previous_issue = time.perf_counter() - issue_started
+        marks.append((start, clock.mark()))
+        issue_seconds.append(previous_issue / calls_per_batch)
+    clock.finish()
+    return [clock.elapsed_ms(start, end) / calls_per_batch for start, end in marks], issue_seconds
+
+
+@functools.cache
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """GPU clock cycles of torch.cuda._sleep per millisecond, measured once."""
+    cycles = 2_000_000
+    torch.cuda._sleep(cycles // 10)  # wake the clocks
+    clock = DeviceClock(device)
+    start = clock.mark()
+    torch.cuda._sleep(cycles)
+    end = clock.mark()
+    clock.finish()
+    return cycles / max(clock.elapsed_ms(start, end), 1e-3)
+
+
+def _queue_ahead(device: torch.device, first_guess_s: float) -> Callable[[float | None], None]:
+    """before_batch for a GPU: sleep on the stream for 1.5x the host's last issue time (plus 20 us)."""
+    cycles_per_ms = _sleep_cycles_per_ms(device)
+
+    def before_batch(previous_issue_s: float | None) -> None:
+        seconds = previous_issue_s if previous_issue_s is not None else first_guess_s
+        milliseconds = min(1.5 * seconds * 1e3 + 0.02, MAX_QUEUE_AHEAD_MS)
+        torch.cuda._sleep(int(milliseconds * cycles_per_ms))
+
+    return before_batch
+
+
+def time_calls(work: Callable[[int], None], prepare: Callable[[int], None], n_sets: int, device: torch.device,
+               repeats: int | None = None, calls_per_batch: int | None = None) -> Timing:
+    """Warm up, then time batches of k back-to-back calls work(i), i rotating over n_sets (see Method)."""
+    from bench import autotune
+
+    autotune.install_counters()
     if device.type != "cuda":
         prepare(0)
         work(0)  # warm-up
-        times = []
-        for r in range(repeats or CPU_REPEATS):
-            i = r % n_sets
-            prepare(i)
-            started = time.perf_counter()
-            work(i)
-            times.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(times), len(times)
+        before = autotune.counts()
+        k = calls_per_batch or 1
+        per_call, _ = time_batches(work, prepare, n_sets, k, repeats or CPU_REPEATS, HostClock())
+        return Timing(statistics.median(per_call), len(per_call), k, None,
+                      autotune.difference(autotune.counts(), before))
 
     calls, last_ms = 0, 0.0
     synchronize(device)
@@ -209,18 +324,14 @@ def time_calls(work: Callable[[int], None], prepare: Callable[[int], None], n_se
         synchronize(device)
         last_ms = (time.perf_counter() - started) * 1e3  # the latest call estimates one call's cost
         calls += 1
-    if repeats is None:
-        repeats = min(MAX_REPEATS, max(MIN_REPEATS, math.ceil(TARGET_MS / max(last_ms, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for r in range(repeats):
-        i = r % n_sets
-        prepare(i)
-        starts[r].record()
-        work(i)
-        ends[r].record()
-    synchronize(device)
-    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends)), repeats
+    before = autotune.counts()
+    estimate = max(last_ms, 1e-3)
+    k = calls_per_batch or min(MAX_CALLS_PER_BATCH, max(1, math.ceil(BATCH_MS / estimate)))
+    batches = repeats or min(MAX_BATCHES, max(MIN_BATCHES, math.ceil(TARGET_MS / (k * estimate))))
+    per_call, issue_seconds = time_batches(work, prepare, n_sets, k, batches, DeviceClock(device),
+                                           _queue_ahead(device, k * estimate * 1e-3))
+    return Timing(statistics.median(per_call), batches, k, statistics.median(issue_seconds) * 1e6,
+                  autotune.difference(autotune.counts(), before))
 
 
 def peak_memory_mb(work: Callable[[int], None], prepare: Callable[[int], None], device: torch.device) -> float | None:
@@ -251,8 +362,9 @@ def _output_gradient(output: torch.Tensor) -> torch.Tensor:
 
 
 def measure_pass(implementation: Callable, input_sets: list[Inputs], pass_name: str, device: torch.device,
-                 repeats: int | None, range_name: str) -> tuple[float, int, float | None]:
-    """(median ms, repeats, peak MiB) of one pass of `implementation` over the rotated input sets."""
+                 repeats: int | None, range_name: str,
+                 calls_per_batch: int | None = None) -> tuple[Timing, float | None]:
+    """(timing, peak MiB) of one pass of `implementation` over the rotated input sets."""
 
     def call(i: int) -> torch.Tensor:
         return implementation(*input_sets[i].args, **input_sets[i].kwargs)
@@ -279,8 +391,8 @@ def measure_pass(implementation: Callable, input_sets: list[Inputs], pass_name: 
                 call(i).backward(gradient)
     else:
         raise ValueError(f"unknown pass {pass_name!r}; expected one of {PASSES}")
-    milliseconds, repeats_done = time_calls(work, clear, len(input_sets), device, repeats)
-    return milliseconds, repeats_done, peak_memory_mb(work, clear, device)
+    timing = time_calls(work, clear, len(input_sets), device, repeats, calls_per_batch)
+    return timing, peak_memory_mb(work, clear, device)
 
 
 # ----------------------------------------------------------------------------- running
@@ -296,12 +408,14 @@ def shape_label(shape: dict) -> str:
 
 
 def select_backends(op: str, device_type: str, requested: list[str] | None,
-                    with_compile: bool) -> tuple[list[str], dict[str, str]]:
-    """(backends to run, {skipped backend: why}). None requested: every available one implementing op."""
+                    with_compile: bool, extra: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """(backends to run, {skipped backend: why}). None requested: every available one implementing op.
+
+    `extra` names the spec's further competitors, accepted when requested."""
     names = list(dict.fromkeys(requested)) if requested is not None else list(ops.available_backends())
     chosen, skipped = [], {}
     for name in names:
-        if name == COMPILE:
+        if name == COMPILE or name in extra:
             chosen.append(name)
             continue
         try:
@@ -324,7 +438,8 @@ def error_status(exc: BaseException) -> str:
 
 def run(spec: OpBench, shapes: list[dict], *, dtype: torch.dtype, device: torch.device, backends: list[str],
         passes: tuple[str, ...] = PASSES, baseline: str = "torch", repeats: int | None = None,
-        sink: Callable[[dict], None] | None = None, env: dict | None = None) -> list[dict]:
+        sink: Callable[[dict], None] | None = None, env: dict | None = None,
+        calls_per_batch: int | None = None) -> list[dict]:
     """Measure every (shape, backend, pass); returns the rows (and hands each to `sink` as it is made)."""
     env = env or environment(device)
     ordered = sorted(backends, key=lambda name: name != baseline)  # the baseline first: ratios need it
@@ -339,26 +454,28 @@ def run(spec: OpBench, shapes: list[dict], *, dtype: torch.dtype, device: torch.
         baseline_ms: dict[str, float] = {}
         for backend in ordered:
             implementation = spec.implementation(backend)
-            for pass_name in passes:
+            for pass_name in (name for name in passes if name in spec.passes):
                 row = {
                     "op": spec.name, "backend": backend, "label": shape_label(shape), "shape": shape,
                     "dtype": DTYPE_NAMES.get(dtype, str(dtype)), "pass": pass_name, "status": "ok",
                     "ms": None, "tflops": None, "gbps": None, "peak_mem_mb": None,
                     "speedup": None, "baseline": baseline,
                     "flop": flop.get(pass_name), "bytes": nbytes.get(pass_name), "repeats": None,
+                    "calls_per_batch": None, "launch_us": None, "after_warmup": None,
                     "input_sets": len(input_sets), "x_axis": spec.x_axis,
                     "series": shape_label({k: shape[k] for k in spec.series_keys if k in shape}),
                     "metric": spec.metric, **env,
                 }
                 try:
-                    ms, repeats_done, peak = measure_pass(
-                        implementation, input_sets, pass_name, device, repeats, f"{spec.name}.{backend}.{pass_name}"
-                    )
+                    timing, peak = measure_pass(implementation, input_sets, pass_name, device, repeats,
+                                                f"{spec.name}.{backend}.{pass_name}", calls_per_batch)
+                    ms = timing.ms
                 except Exception as exc:  # noqa: BLE001 - one failing backend must not end the sweep; the row says why
                     row["status"] = error_status(exc)
                     print(f"  {backend} {pass_name} {row['label']}: {row['status']}", file=sys.stderr)
                 else:
-                    row.update(ms=ms, repeats=repeats_done, peak_mem_mb=peak)
+                    row.update(ms=ms, repeats=timing.repeats, calls_per_batch=timing.calls_per_batch,
+                               launch_us=timing.launch_us, after_warmup=timing.after_warmup, peak_mem_mb=peak)
                     if row["flop"]:
                         row["tflops"] = row["flop"] / (ms * 1e-3) / 1e12
                     if row["bytes"]:
@@ -416,8 +533,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--passes", type=lambda s: tuple(parse_list(s)), default=PASSES,
                         help="comma-separated subset of fwd,bwd,fwd+bwd (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help=f"timed calls per measurement (default: about {TARGET_MS:.0f} ms of calls on a GPU, "
+                        help=f"timed batches per measurement (default: about {TARGET_MS:.0f} ms of calls on a GPU, "
                              f"{CPU_REPEATS} on a CPU)")
+    parser.add_argument("--calls-per-batch", type=int, default=None,
+                        help=f"back-to-back calls per timed batch (default: about {BATCH_MS:g} ms of calls on a GPU, "
+                             f"at most {MAX_CALLS_PER_BATCH}; 1 on a CPU)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a "
@@ -443,6 +563,8 @@ def run_cli(specs: list[OpBench], shapes_for: Callable[[OpBench, torch.device], 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit("error: --repeats must be at least 1")
+    if args.calls_per_batch is not None and args.calls_per_batch < 1:
+        raise SystemExit("error: --calls-per-batch must be at least 1")
     if args.nvtx:
         enable_nvtx(True)
     out_dir = args.out or default_out_dir(device)
@@ -454,14 +576,18 @@ def run_cli(specs: list[OpBench], shapes_for: Callable[[OpBench, torch.device], 
     any_ok = False
     for spec in specs:
         with_compile = args.compile if args.compile is not None else compile_by_default and device.type == "cuda"
-        backends, skipped = select_backends(spec.name, device.type, args.backends, with_compile)
+        if hasattr(ops, spec.name):
+            backends, skipped = select_backends(spec.name, device.type, args.backends, with_compile, tuple(spec.extra))
+        else:
+            backends, skipped = list(spec.extra), {}
         for name, reason in skipped.items():
             print(f"{spec.name}: skipping backend {name}: {reason}")
         if args.baseline not in backends:
             print(f"{spec.name}: baseline {args.baseline!r} is not among {backends}: no speedup column")
         writer = report.RowWriter(out_dir / f"{spec.name}.jsonl")
         rows = run(spec, shapes_for(spec, device), dtype=dtype, device=device, backends=backends,
-                   passes=args.passes, baseline=args.baseline, repeats=args.repeats, sink=writer, env=env)
+                   passes=args.passes, baseline=args.baseline, repeats=args.repeats, sink=writer, env=env,
+                   calls_per_batch=args.calls_per_batch)
         any_ok = any_ok or any(row["status"] == "ok" for row in rows)
         print()
         print(f"## {spec.name} ({env['device']}, {DTYPE_NAMES[dtype]})")

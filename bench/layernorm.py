@@ -6,6 +6,11 @@ LayerNorm is memory-bound, so the figure of merit is GB/s: the minimum bytes a p
     backward = read x and dy, write dx (3 * N * C * e) + read weight, write dweight, dbias (3 * C * e)
 Statistics a backend saves for its backward (mean, 1/std) are not counted: a kernel may recompute them.
 
+The ceiling is measured beside it (on by default on a GPU, `--copy`): `copy`, a plain device copy
+y = x.clone() of the same (N, C) input, forward only, whose GB/s counts the same bytes as LayerNorm's
+forward (read x, write y; the 2 C weight and bias bytes are noise). LayerNorm's GB/s over the copy's
+is the fraction of attainable bandwidth.
+
 Default sweep: on a GPU bf16, N = 16384 rows, C in {768, 1024, 2048, 4096, 8192};
 on a CPU fp32, N = 1024, C in {256, 512, 1024, 2048}.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 import torch
 
@@ -38,7 +44,21 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> harnes
     return harness.Inputs((x, weight, bias))
 
 
+def copy_bytes(shape: dict, dtype: torch.dtype) -> dict[str, float]:
+    return {"fwd": float(2 * shape["N"] * shape["C"] * torch.empty((), dtype=dtype).element_size())}
+
+
+def make_copy_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> harness.Inputs:
+    return harness.Inputs((torch.randn(shape["N"], shape["C"], device=device).to(dtype),))
+
+
+def clone() -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.clone
+
+
 SPEC = harness.OpBench("layer_norm", make_inputs, bytes=layer_norm_bytes, x_axis="C", metric="gbps")
+COPY_SPEC = harness.OpBench("copy", make_copy_inputs, bytes=copy_bytes, x_axis="C", metric="gbps",
+                            extra={"copy": clone}, passes=("fwd",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"rows N (default: {GPU_ROWS} on a GPU, {CPU_ROWS} on a CPU)")
     parser.add_argument("--C", type=lambda s: harness.parse_list(s, int), default=None,
                         help=f"widths (default: {GPU_WIDTHS} on a GPU, {CPU_WIDTHS} on a CPU)")
+    parser.add_argument("--copy", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time a plain copy of the same input, the bandwidth ceiling (default: on a GPU)")
     return parser
 
 
@@ -58,7 +80,9 @@ def shapes(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return harness.run_cli([SPEC], lambda spec, device: shapes(args, device), args, compile_by_default=True)
+    with_copy = args.copy if args.copy is not None else harness.resolve_device(args.device).type == "cuda"
+    return harness.run_cli([SPEC, COPY_SPEC] if with_copy else [SPEC], lambda spec, device: shapes(args, device), args,
+                           compile_by_default=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from datetime import datetime
 
 import pytest
 import torch
 
-from bench import attention, cross_entropy, ffn, harness, layernorm, report
+from bench import attention, autotune, cross_entropy, ffn, harness, layernorm, report, sanitize_ops
 from bench import train as bench_train
 from engine import profiling
 from engine.data import ByteTokenizer
@@ -237,3 +238,295 @@ def test_trainer_profile_flag_writes_a_trace_into_the_run_folder(tmp_path):
         profiling.enable_nvtx(False)
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert sum(event.get("name") == "train_step" for event in trace["traceEvents"]) == 2  # steps 2 and 3
+
+
+# ----------------------------------------------------------------------------- k calls per timed batch
+
+class SteppedClock:
+    """A clock that moves only when told: each work call advances it by a fixed number of ms."""
+
+    def __init__(self) -> None:
+        self.now, self.finished = 0.0, False
+
+    def mark(self) -> float:
+        return self.now
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def elapsed_ms(self, start: float, end: float) -> float:
+        return end - start
+
+
+def test_time_batches_times_k_back_to_back_calls_per_pair_of_marks():
+    clock, calls, prepared, before = SteppedClock(), [], [], []
+
+    def work(i):
+        calls.append(i)
+        clock.now += 2.0 + i  # input set i "takes" 2 + i ms
+
+    per_call, issue = harness.time_batches(work, prepared.append, n_sets=3, calls_per_batch=4, batches=2,
+                                           clock=clock, before_batch=before.append)
+    assert calls == prepared == [0, 1, 2, 0, 1, 2, 0, 1]  # rotation continues across batches
+    assert per_call == [(2 + 3 + 4 + 2) / 4, (3 + 4 + 2 + 3) / 4]  # one mark pair per batch of 4
+    assert clock.finished and len(issue) == 2 and all(seconds >= 0 for seconds in issue)
+    # before_batch sees nothing before the first batch, then the previous batch's whole host time.
+    assert before[0] is None and math.isclose(before[1], issue[0] * 4)
+
+
+def test_time_calls_on_the_cpu_runs_k_calls_per_batch_and_counts_nothing_compiled():
+    calls = []
+    timing = harness.time_calls(calls.append, lambda i: None, 2, CPU, repeats=4, calls_per_batch=3)
+    assert len(calls) == 1 + 4 * 3  # one warm-up call, then 4 batches of 3
+    assert (timing.repeats, timing.calls_per_batch, timing.launch_us) == (4, 3, None)
+    assert timing.ms >= 0 and timing.after_warmup == {"triton_compiles": 0, "autotune_keys": 0, "dynamo_graphs": 0}
+
+
+def test_rows_record_the_batching_and_a_bad_count_is_refused(tmp_path):
+    shape = {"B": 1, "H": 1, "T": 8, "D": 8, "causal": True}
+    rows = harness.run(attention.SPEC, [shape], dtype=torch.float32, device=CPU, backends=["torch"],
+                       passes=("fwd",), repeats=2, calls_per_batch=3)
+    assert rows[0]["calls_per_batch"] == 3 and rows[0]["repeats"] == 2 and rows[0]["launch_us"] is None
+    assert rows[0]["after_warmup"] == {"triton_compiles": 0, "autotune_keys": 0, "dynamo_graphs": 0}
+    with pytest.raises(SystemExit, match="--calls-per-batch must be at least 1"):
+        attention.main(["--T", "8", "--D", "8", "--calls-per-batch", "0", "--out", str(tmp_path)])
+
+
+def test_report_notes_work_compiled_after_warm_up():
+    row = {"op": "layer_norm", "label": "N=2 C=3", "dtype": "bf16", "pass": "fwd", "backend": "triton", "ms": 0.01,
+           "status": "ok", "speedup": None, "baseline": "torch", "launch_us": 35.0,
+           "after_warmup": {"triton_compiles": 2, "autotune_keys": 0, "dynamo_graphs": 0}}
+    assert report.note(row) == "after warm-up: 2 triton_compiles"
+    table = report.markdown_table([row, {**row, "after_warmup": {"triton_compiles": 0}}]).splitlines()
+    assert table[0].endswith("| launch us | vs torch | note |")
+    assert table[2].endswith("| 35.0 | - | after warm-up: 2 triton_compiles |") and table[3].endswith("| 35.0 | - |  |")
+
+
+def test_extra_competitors_run_only_when_named_and_a_copy_spec_has_no_backward(tmp_path):
+    chosen, _ = harness.select_backends("attention", "cpu", None, False, tuple(attention.SPEC.extra))
+    assert not set(chosen) & set(attention.SDPA_BACKENDS)
+    shape = {"B": 1, "H": 2, "T": 16, "D": 8, "causal": True}
+    rows = harness.run(attention.SPEC, [shape], dtype=torch.float32, device=CPU, backends=["torch", "sdpa-math"],
+                       passes=("fwd",), repeats=1)
+    assert [row["status"] for row in rows] == ["ok", "ok"] and rows[1]["backend"] == "sdpa-math"
+    assert layernorm.main(["--rows", "8", "--C", "16", "--repeats", "1", "--backends", "torch", "--copy",
+                           "--passes", "fwd,bwd", "--out", str(tmp_path), "--no-plot"]) == 0
+    copies = report.load_rows(tmp_path / "copy.jsonl")
+    assert [(row["backend"], row["pass"], row["status"]) for row in copies] == [("copy", "fwd", "ok")]
+    assert copies[0]["bytes"] == 2 * 8 * 16 * 4 and copies[0]["gbps"] > 0
+
+
+# ----------------------------------------------------------------------------- bench.autotune
+
+def test_autotune_modes_select_candidates():
+    assert autotune.parse_mode(None) == ("full", 0, 1) and autotune.parse_mode("quick") == ("quick", 0, 1)
+    assert autotune.parse_mode("shard:1/3") == ("shard", 1, 3)
+    for bad in ("fast", "shard:3/3", "shard:1"):
+        with pytest.raises(ValueError, match="ENGINE_AUTOTUNE"):
+            autotune.parse_mode(bad)
+    candidates = list(range(8))
+    assert autotune.select(candidates, "quick") == [0] and autotune.select(candidates, "full") == candidates
+    shards = [autotune.select(candidates, "shard", i, 3) for i in range(3)]
+    assert shards == [[0, 3, 6], [1, 4, 7], [2, 5]] and sorted(c for shard in shards for c in shard) == candidates
+    assert autotune.select([0, 1], "shard", 5, 8) == [0]  # never none
+
+
+def test_autotune_switch_narrows_after_the_kernels_own_pruning(monkeypatch):
+    import triton
+
+    configs = [triton.Config({"BLOCK": block}, num_warps=4) for block in (16, 32, 64, 128)]
+
+    def keep_big(configs, named_args, **kwargs):  # a kernel's own pruning, e.g. by kind of input
+        return [config for config in configs if config.kwargs["BLOCK"] >= 32]
+
+    @triton.autotune(configs=configs, key=["n"], prune_configs_by={"early_config_prune": keep_big})
+    @triton.jit
+    def kernel(x_ptr, n, BLOCK: triton.language.constexpr):
+        pass
+
+    monkeypatch.setattr(autotune, "autotuners", lambda: {"test.kernel": kernel})
+    assert "the first candidate of each of 1 autotuned kernels" in autotune.apply("quick")
+    assert [c.kwargs["BLOCK"] for c in kernel.early_config_prune(configs, {})] == [32]
+    kernel.early_config_prune = keep_big
+    autotune.apply("shard:1/2")
+    assert [c.kwargs["BLOCK"] for c in kernel.early_config_prune(configs, {})] == [64]
+    assert len(kernel.configs) == 4  # the list itself stays whole: the autotuner still prunes and benchmarks
+
+
+def test_autotune_runner_logs_every_train_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "train_step", Trainer.train_step)  # restored after the test
+    log = tmp_path / "steps.jsonl"
+    autotune.log_train_steps(log)
+    data = bench_train.random_token_data(256, 16, 2)
+    config = TrainConfig(batch_size=2, max_steps=2, sample_tokens=0, device="cpu", dtype="fp32")
+    trainer = Trainer(preset("toy", vocab_size=256, n_layers=1, max_seq_len=16), config, data, tmp_path / "run", CPU,
+                      torch.float32, log=lambda message: None)
+    trainer.train_step()
+    trainer.train_step()
+    rows = report.load_rows(log)
+    assert [row["step"] for row in rows] == [1, 2] and all(row["seconds"] > 0 for row in rows)
+    assert set(rows[0]) == {"step", "seconds", "triton_compiles", "autotune_keys", "dynamo_graphs"}
+
+
+def test_autotune_runner_runs_a_module_and_refuses_bad_input(monkeypatch, capsys):
+    assert autotune.main([]) == 2
+    monkeypatch.setenv("ENGINE_AUTOTUNE", "sometimes")
+    assert autotune.main(["json.tool", "--help"]) == 2
+    assert "ENGINE_AUTOTUNE='sometimes' is not one of" in capsys.readouterr().err
+    monkeypatch.delenv("ENGINE_AUTOTUNE")
+    assert autotune.main(["json.tool", "--help"]) == 0  # ran json.tool's main, which printed its help
+    assert "usage:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bench.sanitize_ops
+
+def test_sanitize_driver_runs_the_extension_ops_on_the_cpu(capsys):
+    assert sanitize_ops.main(["--device", "cpu", "--ops", "cross_entropy,ffn_epilogues", "--dtypes", "fp32"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == "0 problem(s) in cross_entropy, ffn_epilogues x fp32 on cpu"
+    assert sum(line.startswith("ok   ") for line in printed) == 4  # CE, 2 x bias_gelu, bias_residual
+    assert sanitize_ops.main(["--device", "cpu", "--ops", "softmax"]) == 2
+
+
+def test_sanitize_driver_flags_a_wrong_result():
+    right = torch.tensor([1.0, 2.0, 3.0])
+    assert sanitize_ops.compare("op", [("out", right, right)], torch.float32) == []
+    problems = sanitize_ops.compare("op", [("out", right * 1.01, right), ("nan", right * math.nan, right)],
+                                    torch.float32)
+    assert len(problems) == 2 and problems[0].startswith("op: out relative error 0.01")
+
+
+# ----------------------------------------------------------------------------- the GPU check's summary
+
+def _op_row(op, backend, pass_name, shape, ms, **fields):
+    return {"op": op, "backend": backend, "pass": pass_name, "shape": shape, "label": harness.shape_label(shape),
+            "dtype": "bf16", "status": "ok", "ms": ms, "speedup": None, "baseline": "torch", "peak_mem_mb": None,
+            **fields}
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_check_summary_answers_from_what_the_stages_wrote(tmp_path):
+    (tmp_path / "stages.tsv").write_text("stage\tstatus\tseconds\tlimit\nbuild\tok\t80\t150\ncheck\tok\t60\t150\n"
+                                         "main_auto\tok\t50\t90\nmain_torch\tok\t30\t60\n"
+                                         "tests\ttimed out after 150s\t150\t150\n"
+                                         "sanitize_memcheck\tfailed (exit 86)\t40\t60\n")
+    (tmp_path / "run.tsv").write_text("device\tNVIDIA H200\ncommit\tabc123\ncorpus\ttests/data/shakespeare.txt\n"
+                                      "check\tengine/check.py found\n")
+    counts = {"triton_compiles": 100, "autotune_keys": 10, "dynamo_graphs": 0}
+    _write_jsonl(tmp_path / "runs" / "main_auto-steps.jsonl", [
+        {"step": 1, "seconds": 31.5, **counts}, {"step": 2, "seconds": 0.1, **counts},
+        {"step": 3, "seconds": 0.1, **counts, "triton_compiles": 101}])
+    _write_jsonl(tmp_path / "runs" / "main_torch-steps.jsonl", [{"step": s, "seconds": 0.1, **counts} for s in (1, 2, 3)])
+    for backend, offset in (("auto", 0.0), ("torch", 0.01)):
+        _write_jsonl(tmp_path / "runs" / f"main_{backend}-metrics.jsonl",
+                     [{"step": s, "loss": 4.0 - 0.1 * s + offset, "tokens_per_s": 1000.0 * s} for s in range(1, 13)]
+                     + [{"step": 12, "train_loss": 2.8, "val_loss": 2.9}])
+    (tmp_path / "junit-tests-test_a.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="0"><testcase name="test_one"/>'
+        '<testcase name="test_two"><failure message="x"/></testcase><testcase name="test_three"/></testsuite>'
+        '</testsuites>')
+    (tmp_path / "pytest-tests-test_a.log").write_text("...")
+    (tmp_path / "pytest-tests-test_b.log").write_text(
+        "tests/test_b.py::test_x PASSED [ 50%]\ntests/test_b.py::test_y ")
+    (tmp_path / "sanitize_memcheck.log").write_text("ok   x\n0 problem(s) in attention\n========= ERROR SUMMARY: 3 errors\n")
+    d128 = {"B": 4, "H": 16, "T": 4096, "D": 128, "causal": True}
+    _write_jsonl(tmp_path / "attention.jsonl", [
+        _op_row("attention", "triton", "fwd", d128, 1.0, tflops=400.0),
+        _op_row("attention", "triton", "fwd+bwd", d128, 2.0), _op_row("attention", "sdpa-flash", "fwd+bwd", d128, 2.4),
+        _op_row("attention", "torch", "fwd+bwd", d128, 2.6), _op_row("attention", "cuda", "fwd+bwd", d128, 3.0)])
+    lce = {"N": 8192, "d_model": 768, "V": 50304}
+    _write_jsonl(tmp_path / "linear_cross_entropy.jsonl", [
+        _op_row("linear_cross_entropy", "torch", "fwd+bwd", lce, 5.0, peak_mem_mb=1000.0),
+        _op_row("linear_cross_entropy", "triton", "fwd+bwd", lce, 4.0, peak_mem_mb=500.0)])
+    _write_jsonl(tmp_path / "train.jsonl", [
+        {"op": "train", "backend": name, "status": "error: x", "label": "gpt2", "dtype": "bf16", "ms": None,
+         "shape": {"preset": "gpt2", "batch_size": 8, "seq_len": 1024}} for name in ("torch", "auto")])
+    _write_jsonl(tmp_path / "runs" / "bench_train-steps.jsonl",
+                 [{"step": s, "seconds": 0.1, **counts} for s in (1, 2, 3)]
+                 + [{"step": s, "seconds": 0.1, **counts, "autotune_keys": 10 + (s > 2)} for s in (1, 2, 3)])
+
+    summary = report.check_summary(tmp_path)
+    assert summary.startswith("# GPU check: NVIDIA H200, commit abc123")
+    assert ("compiled after warm-up: 0 of 9 op rows; bench.train after step 2: torch: none; auto: 1 autotune_keys"
+            in summary)
+    assert "tests/data/shakespeare.txt" in summary
+    # tokens/s: the median after step 10 (steps 11, 12); final loss: the mean of the last 10 steps' losses.
+    assert "| auto | 3 | 31.5 | 11,500 | 3.25 | 2.90 | 1 triton_compiles |" in summary
+    assert "| torch | 3 | 0.1 | 11,500 | 3.26 | 2.90 | none |" in summary
+    assert "last-10 means 3.2500 vs 3.2600 (0.31% apart: agree within 2%)" in summary
+    assert "| tests | test_a | 2 | 1 | 0 | 0 | test_two |" in summary
+    assert "| tests | test_b | 1 | 0 | 0 | 0 | no JUnit file: cut off (timeout) in tests/test_b.py::test_y |" in summary
+    assert "- sanitize_memcheck: 3 sanitizer error(s), 0 wrong result(s)" in summary
+    assert "| triton attention fwd TFLOP/s, D=128 T=4096 causal | 400 | >= 350 | met |" in summary
+    assert "| triton attention fwd+bwd vs SDPA's best backend, D=128 T=4096 | 1.20 | >= 1 | met |" in summary
+    assert "| cuda attention fwd+bwd time / triton's, D=128 T=4096 | 1.50 | <= 2 | met |" in summary
+    assert "| triton fused linear CE peak memory / torch's, V=50304 | 0.5 | <= 0.333 | MISSED |" in summary
+    assert "| gpt2 training MFU with auto | - | >= 0.4 | - |" in summary
+    answers = summary[summary.index("## answers"):]
+    assert summary.rstrip().endswith(answers.rstrip())  # the answers table comes last
+    assert "| 4 gpu tests | 3 passed, 1 failed or errors, 1 file(s) cut off (2 files) |" in answers
+    assert "| 6 targets met | 3 of 10 (6 not measured) |" in answers
+    assert report.main([str(tmp_path), "--check-summary"]) == 0  # the CLI the script calls
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run_packs_one_archive_after_every_stage(tmp_path):
+    """The script itself on the CPU: the device stage, then one stage selected and cut off by its limit."""
+    import os
+    import subprocess
+    import tarfile
+
+    results, pack = tmp_path / "results", tmp_path / "pack"
+    env = {**os.environ, "GPU_CHECK_ALLOW_CPU": "1", "GPU_CHECK_ONLY": "sanitize",
+           "GPU_CHECK_LIMIT_sanitize_ops": "1", "GPU_CHECK_PACK_DIR": str(pack),
+           "GPU_CHECK_SCRATCH": str(tmp_path / "scratch"), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(harness.REPO_ROOT / "bench" / "gpu_check.sh"), str(results)], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stages = [line.split("\t") for line in (results / "stages.tsv").read_text().splitlines()[1:]]
+    status = {fields[0]: fields[1] for fields in stages}
+    assert status["device"] == "ok" and status["backends"] == "not selected"
+    assert status["sanitize_ops"] == "timed out after 1s"
+    assert status["main_auto"] == "not selected" and status["bench_train"] == "not selected"
+    with tarfile.open(pack / "gpu-check.tar.gz") as archive:
+        names = set(archive.getnames())
+        packed_summary = archive.extractfile("results/gpu-check-summary.md").read().decode()
+    assert {"results/stages.tsv", "results/run.tsv", "results/device.log", "results/sanitize_ops.log",
+            "results/gpu-check-summary.md"} <= names
+    summary = (pack / "gpu-check-summary.md").read_text()
+    assert summary == packed_summary and "| sanitize_ops | timed out after 1s |" in summary
+    assert done.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the answers table prints last
+
+
+def test_gpu_check_command_lines_parse():
+    """Every command line the GPU branch of gpu_check.sh builds is accepted by its module's parser: a
+    renamed flag must fail here, not in the middle of the 9 minutes on a GPU."""
+    import re
+    import shlex
+
+    from engine import train as engine_train
+
+    script = (harness.REPO_ROOT / "bench" / "gpu_check.sh").read_text()
+    gpu_branch = script[script.index("else\n    MAIN_ARGS"):script.index("# What the stage functions read")]
+
+    def words(name):
+        match = re.search(r"(?<![A-Z_])" + name + r"=\((.*?)\)\n", gpu_branch, flags=re.DOTALL)
+        return shlex.split(match.group(1).replace("\\\n", " "))
+
+    out = ["--out", "unused"]
+    for name, module in (("ATTENTION_ARGS", attention), ("ATTENTION_SWEEP_ARGS", attention), ("FFN_ARGS", ffn),
+                         ("LAYERNORM_ARGS", layernorm), ("CROSS_ENTROPY_ARGS", cross_entropy),
+                         ("TRAIN_ARGS", bench_train)):
+        module.build_parser().parse_args(words(name) + out)
+    for name in ("MAIN_ARGS", "PREWARM_TRAIN_ARGS"):
+        engine_train.build_parser().parse_args(words(name) + ["--data", "x", "--backend", "auto"] + out)
+    prewarm = "".join(re.findall(r'PREWARM_BENCH\+?="(.*?)"', gpu_branch)).split(";")
+    modules = {"bench.attention": attention, "bench.ffn": ffn, "bench.train": bench_train}
+    assert [shlex.split(line)[0] for line in prewarm] == list(modules)
+    for line in prewarm:
+        command = shlex.split(line)
+        modules[command[0]].build_parser().parse_args(command[1:] + out)
