@@ -4,7 +4,9 @@ Without a GPU (CI, the development machines) nothing CUDA can run, so these test
 checked: every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (`nvcc -c`, all compiles in
 parallel), with the defines a torch CUDAExtension build adds (no implicit half/bfloat16 conversions);
 the kernel files include only CUDA headers (PLATFORM.md: torch's CUDA headers do not compile with a
-CPU torch); every launcher declared in launchers.h is defined; the glue registers every op schema.
+CPU torch); every launcher declared in launchers.h is defined. The torch-facing glue is one file for both
+devices (csrc/glue.cpp), which registers every op schema for CPU and CUDA; its CUDA build (-DENGINE_WITH_CUDA)
+needs only the CPU torch headers and cuda_runtime.h, so it is compiled here too.
 
 The `gpu` tests run the CUDA ops through torch.ops.engine against the `reference` backend and fp64
 (the precision contract's 2x rule, tests/tolerance.py): attention forward and backward in fp32, fp16
@@ -27,6 +29,7 @@ from tests.tolerance import assert_within_reference_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+GLUE = ROOT / "csrc" / "glue.cpp"
 SOURCES = sorted(path.name for path in CUDA_DIR.glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")
 NVCC = shutil.which("nvcc")
@@ -91,10 +94,46 @@ def test_every_launcher_is_defined():
 
 def test_glue_registers_every_schema():
     schemas = set(re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text()))
-    implemented = set(re.findall(r'm\.impl\("(\w+)"', (CUDA_DIR / "glue.cpp").read_text()))
+    implemented = set(re.findall(r'm\.impl\("(\w+)"', GLUE.read_text()))
     assert schemas, "no m.def(...) schemas found in csrc/ops.cpp"
-    assert implemented == schemas, (f"glue.cpp registers {sorted(implemented)} but csrc/ops.cpp defines "
+    assert implemented == schemas, (f"csrc/glue.cpp registers {sorted(implemented)} but csrc/ops.cpp defines "
                                     f"{sorted(schemas)}")
+
+
+def test_one_torch_facing_glue_for_both_devices():
+    """CPU and CUDA register the same functions from csrc/glue.cpp; no other file registers a device kernel."""
+    registering = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").rglob("*.c*")
+                         if "TORCH_LIBRARY_IMPL(" in path.read_text())
+    assert registering == ["csrc/glue.cpp"], f"device kernels are registered in {registering}"
+    blocks = re.findall(r"TORCH_LIBRARY_IMPL\(engine, (\w+), m\)", GLUE.read_text())
+    assert sorted(blocks) == ["Autograd", "CPU", "CUDA"], blocks
+    assert not list(CUDA_DIR.glob("*.cpp")), "CUDA-only torch glue is back in csrc/cuda/"
+
+
+def _cuda_include_dir() -> Path | None:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", NVCC and str(Path(NVCC).resolve().parents[1])):
+        if home and (Path(home) / "include" / "cuda_runtime.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+def test_glue_compiles_for_the_cuda_build():
+    """The CUDA half of csrc/glue.cpp (-DENGINE_WITH_CUDA, as setup.py's CUDAExtension defines) against this
+    machine's CPU torch headers and the CUDA toolkit's cuda_runtime.h: what a CUDA build compiles, short of
+    linking (PLATFORM.md: a full CUDAExtension build needs a 5.5 GB CUDA torch)."""
+    from torch.utils import cpp_extension
+
+    include = _cuda_include_dir()
+    if include is None:
+        pytest.skip("no CUDA toolkit (cuda_runtime.h) on this machine")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler})")
+    command = [compiler, "-fsyntax-only", "-std=c++17", "-DENGINE_WITH_CUDA", f"-I{include}",
+               f"-I{ROOT / 'csrc'}", *(f"-isystem{path}" for path in cpp_extension.include_paths()),
+               "-Wall", "-Werror", str(GLUE)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-6000:]}"
 
 
 # ---- on a GPU: the ops ----
