@@ -1,10 +1,10 @@
-// The plain C++ interface between the CUDA kernels (csrc/cuda/*.cu) and the torch glue (glue.cpp).
+// The plain C++ interface between the CUDA kernels (csrc/cuda/*.cu) and the torch glue (csrc/glue.cpp).
 //
 // Why this seam exists: the kernel files include only CUDA headers, so `nvcc -c` compiles them on any
 // machine with the CUDA toolkit, including CI machines whose CPU-only torch ships ATen/cuda and
-// c10/cuda headers that do not compile (shared/PLATFORM.md). glue.cpp, compiled only in a CUDA build,
-// checks tensors, allocates outputs and workspaces with torch, picks the current stream and calls
-// these functions with raw pointers.
+// c10/cuda headers that do not compile (shared/PLATFORM.md). csrc/glue.cpp, shared with the CPU kernels,
+// checks tensors, brings them to one dtype, allocates outputs and workspaces with torch and, in a CUDA
+// build (ENGINE_WITH_CUDA), calls these functions with raw pointers on the current stream.
 //
 // Conventions for every launcher:
 // - All tensors are contiguous and on the current device; `dtype` is the element type of every

@@ -279,7 +279,8 @@ def build_jit(verbose: bool = False, vectorize_report: bool = False) -> Path:
     """
     from torch.utils.cpp_extension import load as load_extension
 
-    sources = [PROJECT_ROOT / "csrc" / "ops.cpp", *sorted((PROJECT_ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    sources = [PROJECT_ROOT / "csrc" / "ops.cpp", PROJECT_ROOT / "csrc" / "glue.cpp",
+               *sorted((PROJECT_ROOT / "csrc" / "cpu").glob("*.cpp"))]
     build_directory = PROJECT_ROOT / "build" / "jit"
     build_directory.mkdir(parents=True, exist_ok=True)
     flags = CXX_FLAGS + (["-fopt-info-vec-optimized"] if vectorize_report else [])
