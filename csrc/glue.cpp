@@ -36,6 +36,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -113,10 +114,9 @@ void check_statistic(const at::Tensor& t, at::IntArrayRef shape, const char* op,
 
 // ------------------------------------------------------------------------------ promotion, layout
 
-// `t` in the kernels' dtype and contiguous: `t` itself when it already is, else one copy.
-at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, c10::MemoryFormat::Contiguous);
-}
+// `t` in the kernels' dtype and contiguous: `t` itself when it already is. (Not Tensor::to with
+// MemoryFormat::Contiguous: for a view of the right dtype it returns the view, strides and all.)
+at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
 
 std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value()) return std::nullopt;
@@ -189,6 +189,16 @@ void check_attention_support(const at::Tensor& q, const char* op) {
               " (use float32 or another backend)");
 }
 
+// ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2 picks the attention forward built for two blocks per SM at head dims
+// 40 to 64 (launchers.h); read at every call, so one process (the GPU check) can time both builds.
+int attention_blocks_per_sm() {
+  const char* value = std::getenv("ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM");
+  const std::string text = value == nullptr ? "" : value;
+  TORCH_CHECK(text.empty() || text == "1" || text == "2", "ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM must be 1 or 2, got '",
+              text, "'");
+  return text == "2" ? 2 : 1;
+}
+
 }  // namespace cuda
 #endif
 
@@ -226,7 +236,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
     const cuda::Launch launch(q);
     cuda::Launch::check(engine_cuda::attention_forward(cuda::element_type(q_), q_.data_ptr(), k_.data_ptr(),
                                                        v_.data_ptr(), out.data_ptr(), cuda::floats(lse), B * H, T, D,
-                                                       causal, static_cast<float>(scale), launch.stream()),
+                                                       causal, static_cast<float>(scale),
+                                                       cuda::attention_blocks_per_sm(), launch.stream()),
                         op);
     return {out, lse};
   }
