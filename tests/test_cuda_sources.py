@@ -265,6 +265,23 @@ def test_attention_rejects_unsupported_input(ops):
         ops.attention_forward(q, q.float(), q, True, 1.0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_attention_forward_two_blocks_per_sm_build_matches_reference(ops, monkeypatch, dtype):
+    """ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2 runs the __launch_bounds__(256, 2) build at head dim 64; read per call."""
+    q, k, v = (torch.randn(2, 3, 333, 64, device="cuda", dtype=dtype) for _ in range(3))
+    default, _ = ops.attention_forward(q, k, v, True, 0.125)
+    monkeypatch.setenv("ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM", "2")
+    two_blocks, _ = ops.attention_forward(q, k, v, True, 0.125)
+    low = reference.attention(q, k, v, causal=True, scale=0.125)
+    exact = reference.attention(q.double(), k.double(), v.double(), causal=True, scale=0.125)
+    assert_within_reference_error(two_blocks, low, exact, "out (two blocks per SM)")
+    assert_within_reference_error(default, low, exact, "out (default)")
+    monkeypatch.setenv("ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM", "3")
+    with pytest.raises(RuntimeError, match="ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM must be 1 or 2, got '3'"):
+        ops.attention_forward(q, k, v, True, 0.125)
+
+
 def _with_grads(fn, inputs, grad_out):
     """fn(*inputs) and the gradients of <fn(*inputs), grad_out> w.r.t. the float tensors among inputs."""
     leaves = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
