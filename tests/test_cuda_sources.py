@@ -56,7 +56,7 @@ def nvcc_results(tmp_path_factory):
     def compile_one(source: str, arch: str) -> subprocess.CompletedProcess:
         command = [NVCC, "-c", "-std=c++17", f"-arch={arch}", "-O3", *TORCH_NVCC_DEFINES, "-Xptxas", "-v",
                    "-o", str(out_dir / f"{source}.{arch}.o"), str(CUDA_DIR / source)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
 
     # Largest (slowest) files first, so the two cores stay busy until the end.
     by_size = sorted(SOURCES, key=lambda source: (CUDA_DIR / source).stat().st_size, reverse=True)
@@ -183,7 +183,7 @@ def test_glue_compiles_for_the_cuda_build():
     command = [compiler, "-fsyntax-only", "-std=c++17", "-DENGINE_WITH_CUDA", f"-I{include}",
                f"-I{ROOT / 'csrc'}", *(f"-isystem{path}" for path in cpp_extension.include_paths()),
                "-Wall", "-Werror", str(GLUE)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-6000:]}"
 
 

@@ -171,7 +171,7 @@ def _bias_residual_backward(ctx, grad):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, _eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
