@@ -114,9 +114,13 @@ void check_statistic(const at::Tensor& t, at::IntArrayRef shape, const char* op,
 
 // ------------------------------------------------------------------------------ promotion, layout
 
-// `t` in the kernels' dtype and contiguous: `t` itself when it already is. (Not Tensor::to with
-// MemoryFormat::Contiguous: for a view of the right dtype it returns the view, strides and all.)
-at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+// `t` in the kernels' dtype and contiguous: `t` itself when it already is (checked without a dispatcher
+// call, which costs about a microsecond per tensor). Not Tensor::to with MemoryFormat::Contiguous: for a
+// view of the right dtype it returns the view, strides and all.
+at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.to(dtype).contiguous();
+}
 
 std::optional<at::Tensor> prepared(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
   if (!t.has_value()) return std::nullopt;
@@ -131,7 +135,7 @@ at::Tensor new_output(at::IntArrayRef shape, at::ScalarType dtype, const at::Ten
 // An attention input in q's dtype as the device's kernels read it: any strides on the CPU; contiguous and
 // 16-byte aligned on CUDA (the kernels copy rows in 16-byte chunks).
 at::Tensor attention_input(const at::Tensor& t, at::ScalarType dtype) {
-  if (!t.is_cuda()) return t.to(dtype);
+  if (!t.is_cuda()) return t.scalar_type() == dtype ? t : t.to(dtype);
   at::Tensor result = prepared(t, dtype);
   if (reinterpret_cast<std::uintptr_t>(result.data_ptr()) % 16 != 0) result = result.clone();
   return result;
