@@ -16,7 +16,9 @@ API on top:
 Dropout is not implemented: dropout_p > 0 raises ValueError (and `auto` picks another backend for
 such calls, as the records' empty dropout_ops say). Backends `cpp` (CPU tensors) and
 `cuda` (CUDA tensors) share these functions and the C++ glue below them (csrc/glue.cpp: checks, dtype
-promotion, layout, allocation); the tensors' device picks the kernel.
+promotion, layout, allocation); the tensors' device picks the kernel. ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2
+(read at every call) runs the CUDA attention forward at head dims 40-64 in its two-blocks-per-SM build
+(csrc/cuda/launchers.h), for timing against the default.
 
 Building engine._C:
 - `pip install --no-build-isolation -e .` (install.sh) builds it with setup.py, with the CUDA
