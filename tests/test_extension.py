@@ -197,21 +197,20 @@ AUTOCAST_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", sorted(AUTOCAST_CASES))
-def test_op_under_autocast_matches_reference(case, dtype):
-    """cpp under autocast against fp64 (no autocast), within 2x the error of `reference` under the same autocast;
-    the output has reference's dtype and every float32 parameter gets a float32 gradient."""
+def _check_under_autocast(case, dtype, backend, device):
+    """backend under autocast against fp64 (no autocast), within 2x the error of `reference` under the same
+    autocast; the output has reference's dtype and every float32 parameter gets a float32 gradient."""
     make_inputs, run = AUTOCAST_CASES[case]
     base = make_inputs()
 
     def leaves(to_dtype):
-        return [t.detach().to(to_dtype).requires_grad_() if t.is_floating_point() else t for t in base]
+        return [t.detach().to(device=device, dtype=to_dtype).requires_grad_() if t.is_floating_point()
+                else t.to(device) for t in base]
 
     def output_and_grads(inputs, backend, autocast):
-        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
             out = run(backend, *inputs)
-        seed = torch.ones_like(out) if out.dim() == 0 else torch.randn(out.shape, generator=seeds).to(out.dtype)
+        seed = torch.ones_like(out) if out.dim() == 0 else torch.randn(out.shape, generator=seeds).to(out)
         differentiable = [t for t in inputs if t.is_floating_point()]
         return out, torch.autograd.grad(out, differentiable, seed)
 
@@ -220,13 +219,29 @@ def test_op_under_autocast_matches_reference(case, dtype):
     seeds.manual_seed(1)
     low, low_grads = output_and_grads(leaves(torch.float32), "reference", autocast=True)
     seeds.manual_seed(1)
-    actual, actual_grads = output_and_grads(leaves(torch.float32), "cpp", autocast=True)
+    actual, actual_grads = output_and_grads(leaves(torch.float32), backend, autocast=True)
     assert actual.dtype == low.dtype, f"{case}: output dtype {actual.dtype}, reference gives {low.dtype}"
     tolerance.assert_within_reference_error(actual.float(), low.float(), exact, f"{case} output",
                                             atol=tolerance.ATOL[dtype])
     for position, (a, r, e) in enumerate(zip(actual_grads, low_grads, exact_grads)):
         assert a.dtype == torch.float32, f"{case}: gradient of input {position} is {a.dtype}, not float32"
         tolerance.assert_within_reference_error(a, r, e, f"{case} grad of input {position}", atol=tolerance.ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", sorted(AUTOCAST_CASES))
+def test_op_under_autocast_matches_reference(case, dtype):
+    _check_under_autocast(case, dtype, "cpp", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", sorted(AUTOCAST_CASES))
+def test_cuda_op_under_autocast_matches_reference(case, dtype):
+    """The trainer's default on a GPU: `--backend cuda` under bf16 autocast (this raised "bias has dtype Float but
+    pre has dtype BFloat16" before the glue was shared)."""
+    _require_cuda_kernels()
+    _check_under_autocast(case, dtype, "cuda", "cuda")
 
 
 # ------------------------------------------------------------------- instruction-set variants
