@@ -232,15 +232,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   check_attention_inputs(q, k, v, scale, op);
   const auto dtype = q.scalar_type();
   const at::Tensor q_ = attention_input(q, dtype), k_ = attention_input(k, dtype), v_ = attention_input(v, dtype);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
   at::Tensor out = new_output(q.sizes(), dtype, q);
   at::Tensor lse = new_output({B, H, T}, at::kFloat, q);
 #ifdef ENGINE_WITH_CUDA
   if (q.is_cuda()) {
     const cuda::Launch launch(q);
     cuda::Launch::check(engine_cuda::attention_forward(cuda::element_type(q_), q_.data_ptr(), k_.data_ptr(),
-                                                       v_.data_ptr(), out.data_ptr(), cuda::floats(lse), B * H, T, D,
-                                                       causal, static_cast<float>(scale),
+                                                       v_.data_ptr(), out.data_ptr(), cuda::floats(lse), B * H, T,
+                                                       q.size(3), causal, static_cast<float>(scale),
                                                        cuda::attention_blocks_per_sm(), launch.stream()),
                         op);
     return {out, lse};
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   bool causal, double scale) {
   constexpr const char* op = "engine::attention_backward";
   check_attention_inputs(q, k, v, scale, op);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2);
   check_float_like(grad_out, q.sizes(), op, "grad_out", q, "q");
   check_device(out, op, "out", q, "q");
   check_shape(out, q.sizes(), op, "out");
@@ -277,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
     cuda::Launch::check(engine_cuda::attention_backward(cuda::element_type(q_), grad_out_.data_ptr(), q_.data_ptr(),
                                                         k_.data_ptr(), v_.data_ptr(), out_.data_ptr(),
                                                         cuda::floats(lse_), grad_q.data_ptr(), grad_k.data_ptr(),
-                                                        grad_v.data_ptr(), cuda::floats(delta), B * H, T, D, causal,
-                                                        static_cast<float>(scale), launch.stream()),
+                                                        grad_v.data_ptr(), cuda::floats(delta), B * H, T, q.size(3),
+                                                        causal, static_cast<float>(scale), launch.stream()),
                         op);
     return {grad_q, grad_k, grad_v};
   }
@@ -449,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
                                                          int64_t ignore_index) {
   constexpr const char* op = "engine::cross_entropy_forward";
   check_cross_entropy_inputs(logits, targets, op);
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const int64_t rows = logits.size(0);
   const at::Tensor logits_ = prepared(logits, logits.scalar_type()), targets_ = targets.contiguous();
   at::Tensor loss = new_output({}, at::kFloat, logits);
   at::Tensor lse = new_output({rows}, at::kFloat, logits);
@@ -459,8 +459,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
     const at::Tensor row_losses = new_output({rows}, at::kFloat, logits);  // the launcher's workspace
     cuda::Launch::check(engine_cuda::cross_entropy_forward(cuda::element_type(logits_), logits_.data_ptr(),
                                                            targets_.data_ptr<int64_t>(), cuda::floats(loss),
-                                                           cuda::floats(lse), cuda::floats(row_losses), rows, vocab,
-                                                           ignore_index, launch.stream()),
+                                                           cuda::floats(lse), cuda::floats(row_losses), rows,
+                                                           logits.size(1), ignore_index, launch.stream()),
                         op);
     return {loss, lse};
   }
@@ -473,7 +473,7 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor&
                                   const at::Tensor& lse, int64_t ignore_index) {
   constexpr const char* op = "engine::cross_entropy_backward";
   check_cross_entropy_inputs(logits, targets, op);
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const int64_t rows = logits.size(0);
   check_device(grad_loss, op, "grad_loss", logits, "logits");
   TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value (the loss is a scalar), got shape ",
               shape_string(grad_loss.sizes()));
@@ -489,8 +489,8 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor&
     cuda::Launch::check(engine_cuda::cross_entropy_backward(cuda::element_type(logits_), cuda::floats(grad_loss_),
                                                             logits_.data_ptr(), targets_.data_ptr<int64_t>(),
                                                             cuda::floats(lse_), grad_logits.data_ptr(),
-                                                            cuda::floats(workspace), rows, vocab, ignore_index,
-                                                            launch.stream()),
+                                                            cuda::floats(workspace), rows, logits.size(1),
+                                                            ignore_index, launch.stream()),
                         op);
     return grad_logits;
   }
