@@ -4,10 +4,11 @@
 already installed; with build isolation pip would build against another torch (PLATFORM.md).
 
 What gets built:
-- always (unless skipped): a CppExtension of csrc/ops.cpp (the op schemas) and csrc/cpu/*.cpp (the CPU
-  kernels), giving the `cpp` backend;
-- with a CUDA build of torch and nvcc: a CUDAExtension instead, adding csrc/cuda/*.cu and
-  csrc/cuda/glue.cpp, giving the `cuda` backend too. Without nvcc the build warns and stays CPU-only.
+- always (unless skipped): a CppExtension of csrc/ops.cpp (the op schemas), csrc/glue.cpp (the torch-facing
+  glue of both devices) and csrc/cpu/*.cpp (the CPU kernels), giving the `cpp` backend;
+- with a CUDA build of torch and nvcc: a CUDAExtension instead, adding the kernels csrc/cuda/*.cu and
+  defining ENGINE_WITH_CUDA, which makes csrc/glue.cpp register the same functions for CUDA tensors too,
+  giving the `cuda` backend. Without nvcc the build warns and stays CPU-only.
 
 Environment switches:
 - ENGINE_SKIP_EXTENSION=1  no C++ at all (pure Python; `cpp` and `cuda` then report "not built").
@@ -55,8 +56,8 @@ def extension_build() -> tuple[list, dict]:
                       "Install torch first, then `pip install --no-build-isolation -e .`")
         return [], {}
 
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + (["csrc/cuda/glue.cpp"] if os.path.exists("csrc/cuda/glue.cpp") else [])
+    sources = ["csrc/ops.cpp", "csrc/glue.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     use_cuda = False
     if torch.version.cuda is None:
@@ -66,15 +67,13 @@ def extension_build() -> tuple[list, dict]:
     elif nvcc is None or not os.path.exists(nvcc):
         warnings.warn("torch has CUDA but nvcc was not found (set CUDA_HOME): building the CPU ops only; "
                       "the cuda backend will be unavailable")
-    elif "csrc/cuda/glue.cpp" not in cuda_sources:
-        warnings.warn("csrc/cuda/glue.cpp is missing: building the CPU ops only")
     else:
         use_cuda = True
 
     link_args = ["-fopenmp"]
     if use_cuda:
         extension = CUDAExtension(
-            "engine._C", sources + cuda_sources,
+            "engine._C", sources + cuda_sources, define_macros=[("ENGINE_WITH_CUDA", None)],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=link_args,
         )
     else:

@@ -1,11 +1,11 @@
 // The operator schemas of the `engine` library, the one place they are defined, and the Python
 // module `engine._C` whose import registers them.
 //
-// Implementations register per device: csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(engine, CPU, m)) and,
-// in the CUDA build, csrc/cuda/glue.cpp (TORCH_LIBRARY_IMPL(engine, CUDA, m)). register_fake and
-// register_autograd live in engine/ops/extension.py, except attention_forward's autograd formula,
-// which is in C++ (csrc/cpu/attention.cpp, the Autograd key) to save Python per call. Float tensors are float32,
-// float16 or bfloat16 with fp32 accumulation; lse, mean and rstd are always float32.
+// Implementations: csrc/glue.cpp registers the same functions for CPU and, in the CUDA build, CUDA
+// tensors (checks, dtype promotion, allocation), which call the kernels of csrc/cpu/ or csrc/cuda/.
+// register_fake and register_autograd live in engine/ops/extension.py, except attention_forward's
+// autograd formula, which is in C++ (csrc/glue.cpp, the Autograd key) to save Python per call. Float
+// tensors are float32, float16 or bfloat16 with fp32 accumulation; lse, mean and rstd are always float32.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -14,8 +14,8 @@
 #include "cpu/simd.h"
 
 TORCH_LIBRARY(engine, m) {
-  // q, k, v (B, H, T, D) contiguous (the CPU kernels accept any strides) -> out (B, H, T, D) contiguous,
-  // lse (B, H, T) float32 (log-sum-exp of the scaled scores).
+  // q, k, v (B, H, T, D), any strides -> out (B, H, T, D) contiguous, lse (B, H, T) float32 (log-sum-exp of
+  // the scaled scores).
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "

@@ -20,23 +20,20 @@
 // the mask zeroes (gemm_block's `causal`), about 40% of their matmul work.
 //
 // Parallelism: over batch x heads (at::parallel_for); B * H below the thread count leaves
-// threads idle. Inputs: q, k, v, and in the backward grad_out and out, (B, H, T, D) of one dtype,
-// float32, float16 or bfloat16, with any strides (each head is packed, so transposed views cost
-// no copy; the CUDA kernels need contiguous tensors); fp16/bf16 are converted to fp32 at the
-// boundary (accumulation is fp32 throughout) and the results converted back. Outputs are
-// contiguous. lse is fp32, (B, H, T), natural log of the scaled scores.
+// threads idle. Inputs (checked by csrc/glue.cpp): q, k, v, and in the backward grad_out and out,
+// (B, H, T, D) of one dtype, float32, float16 or bfloat16, with any strides (each head is packed,
+// so transposed views cost no copy); fp16/bf16 are converted to fp32 at the boundary (accumulation
+// is fp32 throughout) and the results rounded into the contiguous outputs. lse is fp32, (B, H, T),
+// natural log of the scaled scores.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace engine::cpu {
@@ -392,35 +389,6 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
 
 ENGINE_ISA_VARIANTS(attention_backward_head, backward_head, BackwardHead)
 
-// ------------------------------------------------------------------------------ torch glue
-
-void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", dtype);
-}
-
-// Any strides are accepted (the kernels pack each head), so the model's q, k, v, which are
-// transposed views of one (B, T, 3C) projection, need no copy.
-void check_head_tensor(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
-              ", got ", t.scalar_type());
-}
-
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                            const char* op) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, H, T, D), got shape ", q.sizes());
-  check_float_dtype(q, op, "q");
-  check_head_tensor(q, q, op, "q");
-  check_head_tensor(k, q, op, "k");
-  check_head_tensor(v, q, op, "v");
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-}
-
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
-
 // Scratch memory of the calling thread, kept between calls: allocating it per call would page-fault
 // fresh memory in every call (about 0.1 ms per MB). Grows to the largest size asked for.
 float* thread_workspace(int64_t floats) {
@@ -436,130 +404,54 @@ HeadView head_view(const at::Tensor& t, int64_t b, int64_t h) {
   return HeadView{t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     bool causal, double scale) {
-  constexpr const char* op = "engine::attention_forward";
-  check_attention_inputs(q, k, v, scale, op);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  const at::Tensor q32 = as_float(q), k32 = as_float(k), v32 = as_float(v);
-  at::Tensor out = at::empty({B, H, T, D}, q.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
-  if (out.numel() > 0) {
-    const HeadShape shape{T, D};
-    float* out_data = out.data_ptr<float>();
-    float* lse_data = lse.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      float* workspace = thread_workspace(ForwardHead::workspace_floats(shape));
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        attention_forward_head(ForwardHead{shape, head_view(q32, b, h), head_view(k32, b, h), head_view(v32, b, h),
-                                           out_data + bh * T * D, lse_data + bh * T, causal,
-                                           static_cast<float>(scale), workspace});
-      }
-    });
-  }
-  return {out.to(q.scalar_type()), lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                                  const at::Tensor& k, const at::Tensor& v,
-                                                                  const at::Tensor& out, const at::Tensor& lse,
-                                                                  bool causal, double scale) {
-  constexpr const char* op = "engine::attention_backward";
-  check_attention_inputs(q, k, v, scale, op);
-  check_head_tensor(grad_out, q, op, "grad_out");
-  check_head_tensor(out, q, op, "out");
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  TORCH_CHECK(lse.device().is_cpu(), op, ": lse must be a CPU tensor, got ", lse.device());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, T}), op, ": lse must have shape (B, H, T) = ",
-              at::IntArrayRef({B, H, T}), ", got ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  const at::Tensor grad_out32 = as_float(grad_out), q32 = as_float(q), k32 = as_float(k), v32 = as_float(v),
-                   out32 = as_float(out), lse32 = lse.contiguous();
-  const auto options = q.options().dtype(at::kFloat);
-  at::Tensor grad_q = at::empty({B, H, T, D}, options);
-  at::Tensor grad_k = at::empty({B, H, T, D}, options);
-  at::Tensor grad_v = at::empty({B, H, T, D}, options);
-  if (grad_q.numel() > 0) {
-    const HeadShape shape{T, D};
-    const float* lse_data = lse32.data_ptr<float>();
-    float* grad_q_data = grad_q.data_ptr<float>();
-    float* grad_k_data = grad_k.data_ptr<float>();
-    float* grad_v_data = grad_v.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      float* workspace = thread_workspace(BackwardHead::workspace_floats(shape));
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H, offset = bh * T * D;
-        attention_backward_head(BackwardHead{shape, head_view(grad_out32, b, h), head_view(q32, b, h),
-                                             head_view(k32, b, h), head_view(v32, b, h), head_view(out32, b, h),
-                                             lse_data + bh * T, grad_q_data + offset, grad_k_data + offset,
-                                             grad_v_data + offset, causal, static_cast<float>(scale),
-                                             workspace});
-      }
-    });
-  }
-  const auto dtype = q.scalar_type();
-  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype)};
-}
-
-// ------------------------------------------------------------------------------ autograd
-//
-// The autograd formula of engine::attention_forward, for every device (the Autograd key): the
-// forward saves q, k, v, out and lse; the backward calls engine::attention_backward. It lives here,
-// in C++, rather than in a Python register_autograd (as the other ops' formulas do) because the
-// Python path costs about 60 to 100 us per forward+backward on this 2-core CPU (the wrapper's
-// Python frames, the ctx object, the garbage collector it wakes), about 10% of a T = 256 call.
-// Both ops are called through the dispatcher, so torch.compile and the fake functions see them.
-
-using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                   double);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&, bool, double);
-
-class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& v, bool causal,
-                                                double scale) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("engine::attention_forward", "").typed<Forward>();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the call below goes to the kernel, not back here
-    auto [out, lse] = op.call(q, k, v, causal, scale);
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({lse});
-    return {out, lse};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("engine::attention_backward", "").typed<Backward>();
-    const auto saved = ctx->get_saved_variables();
-    // The CPU kernels read any strides; the CUDA kernels need a contiguous grad_out.
-    const at::Tensor grad_out = grads[0].is_cuda() ? grads[0].contiguous() : grads[0];
-    auto [grad_q, grad_k, grad_v] = op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                            ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
-    return {grad_q, grad_k, grad_v, at::Tensor(), at::Tensor()};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v, bool causal, double scale) {
-  auto outputs = AttentionFunction::apply(q, k, v, causal, scale);
-  return {outputs[0], outputs[1]};
-}
-
 }  // namespace
+
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                       const at::Tensor& lse, bool causal, float scale) {
+  if (out.numel() == 0) return;
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
+  const at::Tensor q32 = as_float(q), k32 = as_float(k), v32 = as_float(v);
+  const at::Tensor out32 = float_buffer(out);
+  const HeadShape shape{T, D};
+  float* out_data = out32.data_ptr<float>();
+  float* lse_data = lse.data_ptr<float>();
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    float* workspace = thread_workspace(ForwardHead::workspace_floats(shape));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      attention_forward_head(ForwardHead{shape, head_view(q32, b, h), head_view(k32, b, h), head_view(v32, b, h),
+                                         out_data + bh * T * D, lse_data + bh * T, causal, scale, workspace});
+    }
+  });
+  store(out, out32);
+}
+
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_q,
+                        const at::Tensor& grad_k, const at::Tensor& grad_v, bool causal, float scale) {
+  if (grad_q.numel() == 0) return;
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
+  const at::Tensor grad_out32 = as_float(grad_out), q32 = as_float(q), k32 = as_float(k), v32 = as_float(v),
+                   out32 = as_float(out);
+  const at::Tensor grad_q32 = float_buffer(grad_q), grad_k32 = float_buffer(grad_k), grad_v32 = float_buffer(grad_v);
+  const HeadShape shape{T, D};
+  const float* lse_data = lse.data_ptr<float>();
+  float* grad_q_data = grad_q32.data_ptr<float>();
+  float* grad_k_data = grad_k32.data_ptr<float>();
+  float* grad_v_data = grad_v32.data_ptr<float>();
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+    float* workspace = thread_workspace(BackwardHead::workspace_floats(shape));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, offset = bh * T * D;
+      attention_backward_head(BackwardHead{shape, head_view(grad_out32, b, h), head_view(q32, b, h),
+                                           head_view(k32, b, h), head_view(v32, b, h), head_view(out32, b, h),
+                                           lse_data + bh * T, grad_q_data + offset, grad_k_data + offset,
+                                           grad_v_data + offset, causal, scale, workspace});
+    }
+  });
+  store(grad_q, grad_q32);
+  store(grad_k, grad_k32);
+  store(grad_v, grad_v32);
+}
+
 }  // namespace engine::cpu
-
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("attention_forward", &engine::cpu::attention_forward);
-  m.impl("attention_backward", &engine::cpu::attention_backward);
-}
-
-TORCH_LIBRARY_IMPL(engine, Autograd, m) {
-  m.impl("attention_forward", &engine::cpu::attention_forward_autograd);
-}

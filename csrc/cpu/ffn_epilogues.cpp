@@ -7,19 +7,16 @@
 //            gelu_tanh'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 // erf, exp and tanh are the vectorizable approximations of simd.h (errors about 1e-7).
 //
-// Inputs: 2-D contiguous (N, F) tensors, float32, float16 or bfloat16; bias (F,) of any of
-// those dtypes (under autocast the bias stays float32 while pre is bfloat16). Computation is in
-// fp32; bias_gelu and its backward return pre's dtype, bias_residual returns the promoted dtype
-// of its inputs, as `residual + y + bias` would in PyTorch. Parallel over rows.
+// Inputs (checked, cast to one dtype and made contiguous by csrc/glue.cpp): (N, F) matrices and a
+// (F,) bias, float32, float16 or bfloat16. Computation is in fp32. Parallel over rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
 
+#include "kernels.h"
 #include "simd.h"
 
 namespace engine::cpu {
@@ -113,46 +110,21 @@ ENGINE_ISA_VARIANTS(run_bias_residual, bias_residual_rows, ResidualRows)
 // Rows per parallel task: enough elements (about 32K) to amortize a task's start.
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
-
-void check_float_matrix(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (N, F), got shape ", t.sizes());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 // The bias as float32 (cols,), or zeros when absent.
-at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t cols, const char* op) {
-  if (!bias.has_value()) {
-    return at::zeros({cols}, at::dtype(at::kFloat));
-  }
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.device().is_cpu(), op, ": bias must be a CPU tensor, got ", b.device());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == cols, op, ": bias must have shape (", cols, ",), got ", b.sizes());
-  const auto dtype = b.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": bias must be float32, float16 or bfloat16, got ", dtype);
-  return as_float(b).contiguous();
+at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t cols) {
+  return bias.has_value() ? as_float(*bias) : at::zeros({cols}, at::dtype(at::kFloat));
 }
 
-at::Tensor gelu_op(const at::Tensor* grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
-                   bool tanh_approx, const char* op) {
-  check_float_matrix(pre, op, "pre");
-  if (grad != nullptr) {
-    check_float_matrix(*grad, op, "grad");
-    TORCH_CHECK(grad->sizes() == pre.sizes(), op, ": grad must have pre's shape ", pre.sizes(), ", got ",
-                grad->sizes());
-  }
+// grad == nullptr: out = gelu(pre + bias); else out = grad * gelu'(pre + bias).
+void gelu_op(const at::Tensor* grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+             const at::Tensor& out, bool tanh_approx) {
   const int64_t rows = pre.size(0), cols = pre.size(1);
-  const at::Tensor bias32 = bias_or_zeros(bias, cols, op);
+  const at::Tensor bias32 = bias_or_zeros(bias, cols);
   const at::Tensor pre32 = as_float(pre);
   const at::Tensor grad32 = grad != nullptr ? as_float(*grad) : at::Tensor();
-  at::Tensor out = at::empty({rows, cols}, pre.options().dtype(at::kFloat));
+  const at::Tensor out32 = float_buffer(out);
   GeluRows params{pre32.data_ptr<float>(), bias32.data_ptr<float>(),
-                  grad != nullptr ? grad32.data_ptr<float>() : nullptr, out.data_ptr<float>(), cols, 0, 0,
+                  grad != nullptr ? grad32.data_ptr<float>() : nullptr, out32.data_ptr<float>(), cols, 0, 0,
                   tanh_approx};
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     GeluRows chunk = params;
@@ -164,48 +136,36 @@ at::Tensor gelu_op(const at::Tensor* grad, const at::Tensor& pre, const std::opt
       run_gelu_forward(chunk);
     }
   });
-  return out.to(pre.scalar_type());
+  store(out, out32);
 }
 
-at::Tensor bias_gelu(const at::Tensor& pre, const std::optional<at::Tensor>& bias, bool tanh_approx) {
-  return gelu_op(nullptr, pre, bias, tanh_approx, "engine::bias_gelu");
+}  // namespace
+
+void bias_gelu(const at::Tensor& pre, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+               bool tanh_approx) {
+  gelu_op(nullptr, pre, bias, out, tanh_approx);
 }
 
-at::Tensor bias_gelu_backward(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
-                              bool tanh_approx) {
-  return gelu_op(&grad, pre, bias, tanh_approx, "engine::bias_gelu_backward");
+void bias_gelu_backward(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& grad_pre, bool tanh_approx) {
+  gelu_op(&grad, pre, bias, grad_pre, tanh_approx);
 }
 
-at::Tensor bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual) {
-  constexpr const char* op = "engine::bias_residual";
-  check_float_matrix(y, op, "y");
-  check_float_matrix(residual, op, "residual");
-  TORCH_CHECK(residual.sizes() == y.sizes(), op, ": residual must have y's shape ", y.sizes(), ", got ",
-              residual.sizes());
+void bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                   const at::Tensor& out) {
   const int64_t rows = y.size(0), cols = y.size(1);
-  auto dtype = c10::promoteTypes(y.scalar_type(), residual.scalar_type());
-  if (bias.has_value()) {
-    dtype = c10::promoteTypes(dtype, bias->scalar_type());
-  }
-  const at::Tensor bias32 = bias_or_zeros(bias, cols, op);
+  const at::Tensor bias32 = bias_or_zeros(bias, cols);
   const at::Tensor y32 = as_float(y), residual32 = as_float(residual);
-  at::Tensor out = at::empty({rows, cols}, y.options().dtype(at::kFloat));
+  const at::Tensor out32 = float_buffer(out);
   const ResidualRows params{y32.data_ptr<float>(), bias32.data_ptr<float>(), residual32.data_ptr<float>(),
-                            out.data_ptr<float>(), cols, 0, 0};
+                            out32.data_ptr<float>(), cols, 0, 0};
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     ResidualRows chunk = params;
     chunk.row_begin = begin;
     chunk.row_end = end;
     run_bias_residual(chunk);
   });
-  return out.to(dtype);
+  store(out, out32);
 }
 
-}  // namespace
 }  // namespace engine::cpu
-
-TORCH_LIBRARY_IMPL(engine, CPU, m) {
-  m.impl("bias_gelu", &engine::cpu::bias_gelu);
-  m.impl("bias_gelu_backward", &engine::cpu::bias_gelu_backward);
-  m.impl("bias_residual", &engine::cpu::bias_residual);
-}

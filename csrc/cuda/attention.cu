@@ -233,9 +233,12 @@ struct ForwardTiles {
 };
 
 // Grid: (batch * heads, query tiles). Query tiles run last-first so causal blocks with the most key
-// tiles start first and the short ones fill in at the end.
-template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads)
+// tiles start first and the short ones fill in at the end. kMinBlocks is the blocks per SM the register
+// allocation must allow. At kHeadDim = 64 the default build takes 161 registers a thread on sm_90 (138 on
+// sm_80; nvcc 13.0), so one 256-thread block runs per SM; kMinBlocks = 2 caps it at 128, for 12 bytes of
+// spills (4 on sm_80). The launcher's min_blocks_per_sm picks one, so the GPU check can time both.
+template <typename Element, int kHeadDim, int kMinBlocks>
+__global__ void __launch_bounds__(ForwardTiles<kHeadDim>::kThreads, kMinBlocks)
     attention_forward_tc_kernel(const Element* __restrict__ q, const Element* __restrict__ k,
                                 const Element* __restrict__ v, Element* __restrict__ out, float* __restrict__ lse,
                                 int seq_len, int head_dim, bool causal, float scale_log2) {
@@ -1116,8 +1119,9 @@ bool valid_shape(int64_t batch_heads, int64_t seq_len, int64_t head_dim) {
 
 cudaError_t engine_cuda::attention_forward(DType dtype, const void* q, const void* k, const void* v, void* out,
                                            float* lse, int64_t batch_heads, int64_t seq_len, int64_t head_dim,
-                                           bool causal, float scale, cudaStream_t stream) {
+                                           bool causal, float scale, int min_blocks_per_sm, cudaStream_t stream) {
   if (!valid_shape(batch_heads, seq_len, head_dim)) return cudaErrorInvalidValue;
+  if (min_blocks_per_sm != 1 && min_blocks_per_sm != 2) return cudaErrorInvalidValue;
   if (batch_heads == 0 || seq_len == 0) return cudaSuccess;
   const float scale_log2 = scale * kLog2e;
   const int t = static_cast<int>(seq_len);
@@ -1134,7 +1138,10 @@ cudaError_t engine_cuda::attention_forward(DType dtype, const void* q, const voi
             static_cast<float*>(out), lse, t, d, causal, scale_log2);
       } else {
         using Tiles = ForwardTiles<kHeadDim>;
-        const auto kernel = attention_forward_tc_kernel<Element, kHeadDim>;
+        auto kernel = attention_forward_tc_kernel<Element, kHeadDim, 1>;
+        if constexpr (kHeadDim == 64) {
+          if (min_blocks_per_sm == 2) kernel = attention_forward_tc_kernel<Element, kHeadDim, 2>;
+        }
         const cudaError_t status = allow_shared_memory(kernel, Tiles::kSmemBytes);
         if (status != cudaSuccess) return status;
         const dim3 grid(static_cast<unsigned>(batch_heads),

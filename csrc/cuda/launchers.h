@@ -1,10 +1,10 @@
-// The plain C++ interface between the CUDA kernels (csrc/cuda/*.cu) and the torch glue (glue.cpp).
+// The plain C++ interface between the CUDA kernels (csrc/cuda/*.cu) and the torch glue (csrc/glue.cpp).
 //
 // Why this seam exists: the kernel files include only CUDA headers, so `nvcc -c` compiles them on any
 // machine with the CUDA toolkit, including CI machines whose CPU-only torch ships ATen/cuda and
-// c10/cuda headers that do not compile (shared/PLATFORM.md). glue.cpp, compiled only in a CUDA build,
-// checks tensors, allocates outputs and workspaces with torch, picks the current stream and calls
-// these functions with raw pointers.
+// c10/cuda headers that do not compile (shared/PLATFORM.md). csrc/glue.cpp, shared with the CPU kernels,
+// checks tensors, brings them to one dtype, allocates outputs and workspaces with torch and, in a CUDA
+// build (ENGINE_WITH_CUDA), calls these functions with raw pointers on the current stream.
 //
 // Conventions for every launcher:
 // - All tensors are contiguous and on the current device; `dtype` is the element type of every
@@ -33,10 +33,12 @@ constexpr int64_t kAttentionMaxHeadDim = 128;
 
 // out = softmax(q k^T * scale + causal mask) v and lse = log-sum-exp of the scaled (masked) scores.
 // q, k, v, out: (batch_heads, seq_len, head_dim); lse: (batch_heads, seq_len) fp32.
-// fp16/bf16 need compute capability 8.0 or newer.
+// fp16/bf16 need compute capability 8.0 or newer. min_blocks_per_sm (1 or 2) picks the register budget of
+// the fp16/bf16 kernel at head dims 40 to 64: 2 is the __launch_bounds__(256, 2) build (at most 128
+// registers a thread, so two blocks share an SM); other head dims and fp32 have one build and ignore it.
 cudaError_t attention_forward(DType dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                               int64_t batch_heads, int64_t seq_len, int64_t head_dim, bool causal, float scale,
-                              cudaStream_t stream);
+                              int min_blocks_per_sm, cudaStream_t stream);
 
 // Gradients of attention_forward given grad_out (same shape as out), the forward's out and lse.
 // delta: a workspace of batch_heads * seq_len floats (rowsum(grad_out * out)); overwritten.

@@ -3,7 +3,7 @@
 `engine._C` defines the schemas of the `engine` op library (csrc/ops.cpp) with CPU kernels
 (csrc/cpu/) and, when built with CUDA, CUDA kernels (csrc/cuda/). This module loads it on first
 use, registers a fake (shape) function and an autograd formula for every op (attention's is in C++,
-csrc/cpu/attention.cpp, where it costs no Python per call), so that
+csrc/glue.cpp, where it costs no Python per call), so that
 `torch.compile(fullgraph=True)` traces through them, and exposes the functions of the engine.ops
 API on top:
 
@@ -15,7 +15,10 @@ API on top:
   matmul followed by cross_entropy (the logits are materialized).
 Dropout is not implemented: dropout_p > 0 raises ValueError (and `auto` picks another backend for
 such calls, as the records' empty dropout_ops say). Backends `cpp` (CPU tensors) and
-`cuda` (CUDA tensors) share these functions; the tensors' device picks the kernel.
+`cuda` (CUDA tensors) share these functions and the C++ glue below them (csrc/glue.cpp: checks, dtype
+promotion, layout, allocation); the tensors' device picks the kernel. ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2
+(read at every call) runs the CUDA attention forward at head dims 40-64 in its two-blocks-per-SM build
+(csrc/cuda/launchers.h), for timing against the default.
 
 Building engine._C:
 - `pip install --no-build-isolation -e .` (install.sh) builds it with setup.py, with the CUDA
@@ -92,7 +95,8 @@ def cuda_availability() -> tuple[bool, str]:
 
 
 # ------------------------------------------------------------------ fake (shape) functions
-# Every output is contiguous, whatever the inputs' strides (new_empty, not empty_like).
+# Every output is contiguous, whatever the inputs' strides (new_empty, not empty_like), with the dtypes
+# csrc/glue.cpp gives the real outputs (its header lists them).
 
 def _register_fakes() -> None:
     register = torch.library.register_fake
@@ -140,7 +144,7 @@ def _register_fakes() -> None:
 
 # ---------------------------------------------------------------------- autograd formulas
 # The auxiliary outputs (lse, mean, rstd) are marked non-differentiable: engine.ops never returns them.
-# attention_forward's formula is registered in C++ (csrc/cpu/attention.cpp, the Autograd key): from Python it
+# attention_forward's formula is registered in C++ (csrc/glue.cpp, the Autograd key): from Python it
 # cost 60 to 100 us per forward+backward, about 10% of a T = 256 call on the 2-core CPU.
 
 def _bias_gelu_setup(ctx, inputs, output):
@@ -151,7 +155,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 
 def _bias_gelu_backward(ctx, grad):
     pre, bias = ctx.saved_tensors
-    grad_pre = torch.ops.engine.bias_gelu_backward(grad.contiguous(), pre, bias, ctx.tanh_approx)
+    grad_pre = torch.ops.engine.bias_gelu_backward(grad, pre, bias, ctx.tanh_approx)
     # pre + bias broadcasts the bias over rows, so its gradient is the column sum of grad_pre.
     grad_bias = None if bias is None else grad_pre.sum(0, dtype=torch.float32).to(bias.dtype)
     return grad_pre, grad_bias, None
@@ -169,7 +173,7 @@ def _bias_residual_backward(ctx, grad):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, _eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
@@ -178,7 +182,7 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.engine.layer_norm_backward(grad_y.contiguous(), x, weight, mean, rstd)
+    grad_x, grad_weight, grad_bias = torch.ops.engine.layer_norm_backward(grad_y, x, weight, mean, rstd)
     return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
 
@@ -215,17 +219,10 @@ def _reject_dropout(op: str, dropout_p: float) -> None:
                          "train with dropout 0, or use the torch or reference backend")
 
 
-def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
-    """The CPU attention kernels read any strides (the model's q, k, v are transposed views); the CUDA
-    kernels need contiguous tensors."""
-    return t.contiguous() if t.is_cuda else t
-
-
 def attention(q, k, v, *, causal=True, scale=None, dropout_p=0.0):
     _reject_dropout("attention", dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, _ = torch.ops.engine.attention_forward(_kernel_layout(q), _kernel_layout(k), _kernel_layout(v), causal,
-                                                float(scale))
+    out, _ = torch.ops.engine.attention_forward(q, k, v, causal, float(scale))
     return out  # (B, H, T, D)
 
 
@@ -237,17 +234,17 @@ def ffn(x, w1, b1, w2, b2, residual, *, activation="gelu", dropout_p=0.0):
     pre = rows @ w1.t()  # (N, d_ff)
     hidden = torch.ops.engine.bias_gelu(pre, b1, activation == "gelu_tanh")
     y = hidden @ w2.t()  # (N, d_model)
-    out = torch.ops.engine.bias_residual(y, b2, residual.reshape(-1, residual.shape[-1]).contiguous())
+    out = torch.ops.engine.bias_residual(y, b2, residual.reshape(-1, residual.shape[-1]))
     return out.reshape(residual.shape)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
-    y, _, _ = torch.ops.engine.layer_norm_forward(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, float(eps))
+    y, _, _ = torch.ops.engine.layer_norm_forward(x.reshape(-1, x.shape[-1]), weight, bias, float(eps))
     return y.reshape(x.shape)
 
 
 def cross_entropy(logits, targets, *, ignore_index=-1):
-    loss, _ = torch.ops.engine.cross_entropy_forward(logits.contiguous(), targets.contiguous(), int(ignore_index))
+    loss, _ = torch.ops.engine.cross_entropy_forward(logits, targets, int(ignore_index))
     return loss
 
 
@@ -279,7 +276,8 @@ def build_jit(verbose: bool = False, vectorize_report: bool = False) -> Path:
     """
     from torch.utils.cpp_extension import load as load_extension
 
-    sources = [PROJECT_ROOT / "csrc" / "ops.cpp", *sorted((PROJECT_ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    sources = [PROJECT_ROOT / "csrc" / "ops.cpp", PROJECT_ROOT / "csrc" / "glue.cpp",
+               *sorted((PROJECT_ROOT / "csrc" / "cpu").glob("*.cpp"))]
     build_directory = PROJECT_ROOT / "build" / "jit"
     build_directory.mkdir(parents=True, exist_ok=True)
     flags = CXX_FLAGS + (["-fopt-info-vec-optimized"] if vectorize_report else [])

@@ -1,0 +1,63 @@
+// The CPU kernels' entry points, called by the torch-facing glue (csrc/glue.cpp) only: the CPU
+// counterpart of csrc/cuda/launchers.h.
+//
+// The glue has already checked every tensor (on the CPU, shapes as the schema says, one float dtype
+// per op for the inputs, outputs and biases or weights, float32 statistics, int64 targets), made the
+// matrices contiguous and allocated the outputs (contiguous, in that dtype). Attention's q, k, v,
+// grad_out and out may have any strides: the kernels pack each head, so the model's transposed views
+// cost no copy. The kernels compute in fp32 and round into the outputs once.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <optional>
+
+namespace engine::cpu {
+
+// out (B, H, T, D), lse (B, H, T) float32.
+void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                       const at::Tensor& lse, bool causal, float scale);
+void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_q,
+                        const at::Tensor& grad_k, const at::Tensor& grad_v, bool causal, float scale);
+
+// Matrices (rows, features), bias (features,) or none.
+void bias_gelu(const at::Tensor& pre, const std::optional<at::Tensor>& bias, const at::Tensor& out,
+               bool tanh_approx);
+void bias_gelu_backward(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& grad_pre, bool tanh_approx);
+void bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
+                   const at::Tensor& out);
+
+// x (rows, columns); weight, bias, grad_weight, grad_bias (columns,); mean, rstd (rows,) float32.
+void layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd, float eps);
+void layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& grad_x,
+                         const at::Tensor& grad_weight, const at::Tensor& grad_bias);
+
+// logits (rows, vocab); targets (rows,) int64, each in [0, vocab) or ignore_index (checked here, naming the
+// first bad row: on the CPU that costs no device sync); loss 0-dim and lse (rows,) float32; grad_loss one
+// float32 value.
+void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& loss,
+                           const at::Tensor& lse, int64_t ignore_index);
+void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
+                            const at::Tensor& lse, const at::Tensor& grad_logits, int64_t ignore_index);
+
+// ---- helpers of the kernel files
+
+// t itself when it is float32, else a float32 copy (same strides where torch keeps them).
+inline at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// Where a kernel writes `out` in fp32: out itself when it is float32, else a new contiguous float32 tensor
+// that store() then rounds into out.
+inline at::Tensor float_buffer(const at::Tensor& out) {
+  return out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+}
+
+inline void store(const at::Tensor& out, const at::Tensor& buffer) {
+  if (!buffer.is_same(out)) out.copy_(buffer);
+}
+
+}  // namespace engine::cpu
