@@ -8,8 +8,12 @@ stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
+import itertools
 import json
+import os
 import re
 import shutil
 import sys
@@ -40,6 +44,8 @@ PRESET_TRAINING = {
 PRESET_DEPENDENT = {name for values in PRESET_TRAINING.values() for name in values}
 # Fields a resumed run must keep: they define what the checkpoint's tokens mean.
 FIXED_ON_RESUME = ("data", "tokenizer")
+# The file in a run folder that a live run holds an exclusive lock on (and writes its pid into).
+LOCK_NAME = ".lock"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -163,18 +169,90 @@ def checkpoint_bytes(model_config: GPTConfig) -> int:
     return int(parameters * 4 * 3 * 1.1) + (1 << 20)
 
 
-def prepare_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int = 0) -> None:
+def default_out_dir(preset_name: str) -> Path:
+    """runs/<preset>-<date>-<time>: the run folder when --out is not given (claim_out_dir makes it unique)."""
+    return Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_out_dir(base: Path) -> Path:
+    """Create the first of base, base-2, base-3, ... that does not exist yet and return it: mkdir is
+    atomic, so two runs started in the same second never get the same default folder."""
+    for number in itertools.count(1):
+        candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"cannot create run folder {candidate}: {exc.strerror or exc}") from None
+
+
+def lock_run_folder(out_dir: Path) -> typing.IO:
+    """Take an exclusive lock on out_dir/.lock (flock) for as long as the returned file stays open.
+
+    The kernel drops the lock when the process dies, SIGKILL included, so a lock is never stale;
+    while a run holds it, a second run or a --resume of the same folder is refused, naming the
+    holder's pid (which the holder writes into the file once it has checked the folder).
+    """
+    handle = open(out_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"{out_dir} is in use by a live run (pid {holder}); wait for it to finish, stop it, "
+                         "or choose another --out") from None
+    return handle
+
+
+def is_engine_config(path: Path) -> bool:
+    """Whether path is a config.json that engine.train wrote (a run that died before its first checkpoint)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"model", "train"} <= set(values)
+
+
+def prepare_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int = 0) -> typing.IO | None:
     """Make sure the run folder can be written and has room for checkpoints, and never overwrite
-    another run's checkpoint: all before training starts, not hours later."""
+    another run's checkpoint: all before training starts, not hours later.
+
+    Returns the run folder's lock (rank 0 only; None on the other ranks), to keep open while training.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output path {out_dir} exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_folder(out_dir) if rank == 0 else None
+    except OSError as exc:
+        raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+    try:
+        check_out_dir(out_dir, resuming_in_place, needed_bytes, rank)
+        if lock is not None:  # the folder is ours: say who holds it
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def check_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int) -> None:
+    """prepare_out_dir's checks, under the folder's lock."""
     if not resuming_in_place and (out_dir / CHECKPOINT_NAME).exists():
         raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out")
     if not resuming_in_place and (out_dir / "metrics.jsonl").exists():
         raise UsageError(f"{out_dir} holds metrics.jsonl of an earlier run that saved no checkpoint; "
                          "delete that folder or choose another --out")
+    if not resuming_in_place and (out_dir / "config.json").exists() and not is_engine_config(out_dir / "config.json"):
+        raise UsageError(f"{out_dir} holds a config.json that engine.train did not write; choose another --out")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{rank}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
@@ -205,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         banner = f"resuming {args.resume} at step {checkpoint['step']}"
     else:
         preset_name, model_config, train_config, device = configs_for_new_run(args)
-        out_dir = args.out or Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = args.out or default_out_dir(preset_name)
         resuming_in_place = False
         tokenizer = None
         banner = f"preset {preset_name!r}"
@@ -219,20 +297,26 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", context.local_rank)
     if train_config.fsdp and not context.enabled:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
+    held = contextlib.ExitStack()  # what the run holds until it ends: its folder's lock
     try:
         return train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place,
-                     tokenizer, banner)
+                     tokenizer, banner, held=held, claim=args.out is None and checkpoint is None)
     finally:
+        held.close()
         distributed.teardown(context)
 
 
 def train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place, tokenizer,
-          banner) -> int:
-    """Load the data, check the run folder, build the Trainer, run it, print a sample."""
+          banner, held: contextlib.ExitStack, claim: bool = False) -> int:
+    """Load the data, check the run folder, build the Trainer, run it, print a sample.
+
+    held keeps the run folder's lock until the caller closes it; claim: out_dir is a default name, to be
+    made unique (claim_out_dir) once the input has been checked.
+    """
     say = print if context.is_main else (lambda *a, **k: None)
     dtype = resolve_dtype(train_config.dtype, device)
     ops.set_backend(train_config.backend)
-    setup_error = None
+    setup_error = claimed = None
     try:
         data = load_token_data(train_config.data, train_config.tokenizer, tokenizer)
         if checkpoint is None:
@@ -243,12 +327,21 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
             model_config = GPTConfig.from_dict(model_config.to_dict() | {"vocab_size": vocab_size})
         data.check_fits(model_config.max_seq_len)
         backends = describe_backends(device.type, model_config.dropout > 0)
-        prepare_out_dir(out_dir, resuming_in_place, checkpoint_bytes(model_config), context.rank)
+        if claim and context.is_main:
+            out_dir = claimed = claim_out_dir(out_dir)
+        if context.is_main or not claim:  # the other ranks learn rank 0's claimed folder below
+            lock = prepare_out_dir(out_dir, resuming_in_place, checkpoint_bytes(model_config), context.rank)
+            if lock is not None:
+                held.enter_context(lock)
     except (UsageError, ValueError) as exc:
         setup_error = exc
+        if claimed is not None:  # a folder this run created and never used
+            shutil.rmtree(claimed, ignore_errors=True)
     # Under torchrun the ranks fail together: one rank alone would leave the others waiting forever.
     if distributed.any_rank(setup_error is not None, context, device):
         raise setup_error or UsageError("another rank failed to set up; see its error")
+    if claim and context.enabled:
+        out_dir = Path(distributed.gather_objects(str(out_dir), context)[0])
 
     trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint, context=context)
     if context.is_main:
