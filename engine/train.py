@@ -26,7 +26,7 @@ import torch
 
 from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from engine.data import load_token_data, save_tokenizer, tokenizer_from_dict
+from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
 from engine.errors import UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
 from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
@@ -131,8 +131,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolved_data_path(data: str | None) -> str | None:
+    """--data as an absolute path, so that a resumed run finds it from any directory."""
+    return None if data is None else str(Path(data).expanduser().resolve())
+
+
 def configs_for_new_run(args) -> tuple[str, GPTConfig, TrainConfig, torch.device]:
     train_flags = explicit_fields(args, TrainConfig)
+    if "data" in train_flags:
+        train_flags["data"] = resolved_data_path(train_flags["data"])
+    if "tokenizer" in train_flags and is_nanogpt_folder(train_flags.get("data")):
+        raise UsageError(f"--tokenizer does not apply to a nanoGPT folder: {train_flags['data']} brings its own "
+                         "token ids (meta.pkl, or GPT-2 BPE ids without one)")
     device = resolve_device(train_flags.get("device", "auto"))
     preset_name = args.preset or DEFAULT_PRESET[device.type]
     train_config = TrainConfig(**PRESET_TRAINING[preset_name] | train_flags)
@@ -153,11 +163,19 @@ def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, 
                 raise UsageError(f"checkpoint config mismatch: the checkpoint's {name} is {saved_model.get(name)!r}, "
                                  f"preset {args.preset!r} has {value!r}")
     train_flags = explicit_fields(args, TrainConfig)
-    saved_train = checkpoint["train_config"]
+    if "data" in train_flags:
+        train_flags["data"] = resolved_data_path(train_flags["data"])
+    # A wall-clock limit belongs to the invocation that gave it: a resumed run has none unless given again.
+    saved_train = checkpoint["train_config"] | {"max_time": None}
+    saved_train["data"] = resolved_data_path(saved_train.get("data"))  # older checkpoints stored it as typed
     for name in FIXED_ON_RESUME:
         if name in train_flags and train_flags[name] != saved_train.get(name):
             raise UsageError(f"checkpoint config mismatch: {name} is {saved_train.get(name)!r} in the checkpoint "
                              f"but {train_flags[name]!r} was given")
+    unknown = sorted(set(saved_train) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise UsageError(f"checkpoint {args.resume} has training settings this engine does not know: "
+                         f"{', '.join(unknown)} (written by another version or program?)")
     train_config = TrainConfig(**(saved_train | train_flags))
     return GPTConfig.from_dict(saved_model), train_config, resolve_device(train_config.device)
 
@@ -318,7 +336,8 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     ops.set_backend(train_config.backend)
     setup_error = claimed = None
     try:
-        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer)
+        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer,
+                               expected_fingerprint=checkpoint.get("data_fingerprint") if checkpoint else None)
         if checkpoint is None:
             vocab_size = args.vocab_size or data.tokenizer.vocab_size
             if vocab_size < data.tokenizer.vocab_size:

@@ -224,6 +224,7 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "tokenizer": self.data.tokenizer.to_dict(),
             "data_source": self.data.source,
+            "data_fingerprint": self.data.fingerprint,
             "rng": rng,
             "skipped_steps": int(self.skipped_steps.item()),
             "bad_streak": [int(self.bad_streak.item()), int(self.bad_streak_start.item())],
