@@ -9,6 +9,8 @@ Loading uses `torch.load(weights_only=True)`: no arbitrary objects are unpickled
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +21,41 @@ FORMAT = "gpt-engine-checkpoint"
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "tokenizer", "rng")
+DICT_KEYS = ("model", "optimizer", "model_config", "train_config", "tokenizer", "rng")
+
+
+def load_failure(path: Path, exc: Exception) -> str:
+    """One line saying why torch.load refused a file.
+
+    A file that holds objects other than tensors and plain data fails weights_only loading with a
+    message advising weights_only=False, which would execute whatever the file holds: name the
+    object instead and never repeat that advice.
+    """
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        what = found.group(1) if found else "an object"
+        return f"{path} holds {what}, not only tensors and plain data; it was not unpickled (objects can run code)"
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return f"checkpoint {path} is truncated or not a checkpoint ({reason})"
+
+
+def check_model_state(saved, model: torch.nn.Module, source, config_name: str = "the model's config") -> None:
+    """Refuse weights that do not fit the model built from their own config (a foreign or edited file):
+    one UsageError naming the first missing, unexpected or misshapen tensor, instead of load_state_dict's
+    multi-line RuntimeError."""
+    if not isinstance(saved, dict) or not all(isinstance(value, torch.Tensor) for value in saved.values()):
+        raise UsageError(f"{source} holds no model weights (not a dict of tensors)")
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in saved]
+    unexpected = [name for name in saved if name not in expected]
+    if missing or unexpected:
+        raise UsageError(f"{source} does not match {config_name}: missing {', '.join(missing[:3]) or 'nothing'}, "
+                         f"unexpected {', '.join(unexpected[:3]) or 'nothing'}")
+    for name, tensor in expected.items():
+        if saved[name].shape != tensor.shape:
+            raise UsageError(f"{source} does not match {config_name}: {name} has shape {tuple(saved[name].shape)}, "
+                             f"{config_name} gives {tuple(tensor.shape)}")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -68,8 +105,7 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"checkpoint {path} is truncated or not a checkpoint ({reason})") from None
+        raise UsageError(load_failure(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a gpt-engine checkpoint")
     if state.get("version") != VERSION:
@@ -77,4 +113,7 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise UsageError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    malformed = [key for key in DICT_KEYS if not isinstance(state[key], dict)]
+    if malformed or not isinstance(state["step"], int):
+        raise UsageError(f"checkpoint {path} is malformed: {', '.join(malformed or ['step'])} of the wrong type")
     return state

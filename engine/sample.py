@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from engine import ops
-from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
 from engine.data import tokenizer_from_dict
 from engine.errors import UsageError, run_cli
-from engine.model import GPT, GPTConfig
-from engine.train import ArgumentParser, resolve_device, resolve_dtype
+from engine.model import GPT
+from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype
 from engine.trainer import DTYPES
 
 HF_TOKENIZER_DIR = "hf_tokenizer"
@@ -54,7 +54,8 @@ def checkpoint_file(run: Path | None, checkpoint: Path | None) -> Path:
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, object, dict]:
     """A checkpoint file -> (model in eval mode on device, its tokenizer, the checkpoint dict)."""
     state = load_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
+    model = GPT(model_config_of(state, path))
+    check_model_state(state["model"], model, f"checkpoint {path}")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer_from_dict(state["tokenizer"]), state
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from engine import distributed, ops
-from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
 from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
 from engine.errors import UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
@@ -150,6 +150,14 @@ def configs_for_new_run(args) -> tuple[str, GPTConfig, TrainConfig, torch.device
     return preset_name, model_config, train_config, device
 
 
+def model_config_of(state: dict, path: Path) -> GPTConfig:
+    """The GPTConfig a checkpoint records; one that this engine cannot build is a UsageError naming the file."""
+    try:
+        return GPTConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"checkpoint {path} has a model config this engine cannot build: {exc}") from None
+
+
 def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, torch.device]:
     saved_model = checkpoint["model_config"]
     for name, value in explicit_fields(args, GPTConfig).items():
@@ -177,7 +185,7 @@ def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, 
         raise UsageError(f"checkpoint {args.resume} has training settings this engine does not know: "
                          f"{', '.join(unknown)} (written by another version or program?)")
     train_config = TrainConfig(**(saved_train | train_flags))
-    return GPTConfig.from_dict(saved_model), train_config, resolve_device(train_config.device)
+    return model_config_of(checkpoint, args.resume), train_config, resolve_device(train_config.device)
 
 
 def checkpoint_bytes(model_config: GPTConfig) -> int:
@@ -345,6 +353,9 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
                                  f"{data.tokenizer.vocab_size}")
             model_config = GPTConfig.from_dict(model_config.to_dict() | {"vocab_size": vocab_size})
         data.check_fits(model_config.max_seq_len)
+        if checkpoint is not None:
+            with torch.device("meta"):
+                check_model_state(checkpoint["model"], GPT(model_config), f"checkpoint {args.resume}")
         backends = describe_backends(device.type, model_config.dropout > 0)
         if claim and context.is_main:
             out_dir = claimed = claim_out_dir(out_dir)
