@@ -67,6 +67,13 @@ class TrainConfig:
                                     "norm (each is skipped, not applied).")
 
     def __post_init__(self) -> None:
+        # First, so that nan and inf, which compare false with everything, are named as such.
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "max_time"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                     "max_bad_steps")
         for name in positive:
@@ -278,8 +285,11 @@ class Trainer:
         """Append a row to metrics.jsonl (the record of the run) and mirror it to TensorBoard if enabled."""
         if not self.context.is_main:
             return
+        # JSON has no NaN or Infinity: a non-finite value (an evaluation that overflowed) is written as null.
+        row = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+               for name, value in row.items()}
         with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for name, value in row.items():
                 if name != "step" and value is not None:
