@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoin
 from engine.data import tokenizer_from_dict
 from engine.errors import UsageError, run_cli
 from engine.model import GPT
-from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype
+from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype, warn_slow_dtype
 from engine.trainer import DTYPES
 
 HF_TOKENIZER_DIR = "hf_tokenizer"
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_sampling_args(args) -> None:
     if args.tokens < 1:
         raise UsageError(f"--tokens must be a positive integer, got {args.tokens}")
+    if not math.isfinite(args.temperature):
+        raise UsageError(f"--temperature must be a finite number, got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
     path = checkpoint_file(args.run, args.checkpoint)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    warn_slow_dtype(dtype, device)
     ops.set_backend(args.backend)
     model, tokenizer, _ = load_model(path, device)
     tokenizer = text_tokenizer(tokenizer, path.parent, use_ids=args.prompt_ids is not None)
