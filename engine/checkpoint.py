@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UsageError
+from engine.errors import RunFailure, UsageError, os_error_in
 
 FORMAT = "gpt-engine-checkpoint"
 VERSION = 1
@@ -80,6 +80,11 @@ def save_checkpoint(state: dict, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:
+        error = os_error_in(exc)
+        if error is None:
+            raise
+        raise RunFailure(f"cannot write checkpoint {path}: {error.strerror or error}") from None
     finally:
         if temporary.exists():
             temporary.unlink()

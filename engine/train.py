@@ -27,7 +27,7 @@ import torch
 from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
 from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
-from engine.errors import UsageError, run_cli
+from engine.errors import RunFailure, UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
 from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
 
@@ -385,8 +385,11 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint, context=context)
     if context.is_main:
         config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
-        (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
+        try:
+            (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+            save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
+        except OSError as exc:
+            raise RunFailure(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
 
     parallel = f", {context.world_size} ranks ({'FSDP' if train_config.fsdp else 'DDP'})" if context.enabled else ""
     say(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "
@@ -396,6 +399,11 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     say(f"backends: {backends}; run folder {out_dir}")
     try:
         status = trainer.run()
+    except (OSError, RunFailure) as exc:  # the disk filled, or the run folder went away, mid-run
+        reason = (f"cannot write {exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename
+                  else exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+        raise RunFailure(f"training stopped at step {trainer.step}: {reason}; the last checkpoint in {out_dir} is "
+                         f"kept: make room and continue with --resume {out_dir}") from None
     except ValueError as exc:  # not bad input but a failure inside training: keep its traceback
         raise RuntimeError(f"training failed at step {trainer.step}: {exc}") from exc
     if status == 0 and train_config.sample_tokens > 0 and context.is_main:

@@ -300,12 +300,26 @@ def test_a_disk_filling_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_pa
     real_save = torch.save
     saves = []
 
+    class FullDisk:
+        """A file whose disk fills after 2000 bytes: torch.save then fails as it does on a real full disk
+        (a RuntimeError from its zip writer, raised while handling the OSError)."""
+
+        def __init__(self, handle):
+            self.handle, self.room = handle, 2000
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
     def save(obj, handle, *args, **kwargs):
         saves.append(1)
-        if len(saves) >= 2:  # the second checkpoint meets a full disk halfway through
-            handle.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, handle, *args, **kwargs)
+        # The second checkpoint meets a full disk halfway through.
+        return real_save(obj, FullDisk(handle) if len(saves) >= 2 else handle, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
     status = entry_point([*TINY, "--data", str(corpus), "--max-steps", "6", "--eval-interval", "2", "--out", str(run)])
