@@ -77,9 +77,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str) -> Non
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field.type)
         default = field.default
-        if field.name in PRESET_DEPENDENT:
-            default = ", ".join(f"{name} {values.get(field.name, field.default)}"
-                                for name, values in PRESET_TRAINING.items())
+        if cls is GPTConfig and field.name == "vocab_size":
+            default = "from the tokenizer"
+        elif field.name in PRESET_DEPENDENT or cls is GPTConfig and len(
+                {str(values.get(field.name, field.default)) for values in PRESETS.values()}) > 1:
+            presets = PRESET_TRAINING if field.name in PRESET_DEPENDENT else PRESETS
+            default = "depends on --preset: " + ", ".join(f"{name} {values.get(field.name, field.default)}"
+                                                          for name, values in presets.items())
         help_text = f"{field.metadata.get('help', '')} (default: {default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -96,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="model preset (default: 'default' on a GPU, 'toy' on a CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>-<time>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder (default: runs/<preset>-<date>-<time>, with -2, -3, ... if that is taken)")
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
                         help="continue the run in DIR (or from a checkpoint file) exactly where it stopped")
     parser.add_argument("--list-backends", action="store_true", help="print every backend's availability and exit")
