@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import RunFailure, UsageError, os_error_in
+from engine.errors import UsageError, os_error_in
 
 FORMAT = "gpt-engine-checkpoint"
 VERSION = 1
@@ -32,11 +32,14 @@ def load_failure(path: Path, exc: Exception) -> str:
     object instead and never repeat that advice.
     """
     text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
     if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text:
         found = re.search(r"GLOBAL (\S+)", text)
-        what = found.group(1) if found else "an object"
-        return f"{path} holds {what}, not only tensors and plain data; it was not unpickled (objects can run code)"
-    reason = text.splitlines()[0] if text else type(exc).__name__
+        if found:
+            return (f"{path} holds {found.group(1)}, not only tensors and plain data; it was not unpickled "
+                    "(objects can run code)")
+        detail = re.search(r"Unpickler error: ([^\n]+)", text)
+        reason = detail.group(1).strip() if detail else "not a pickle of tensors and plain data"
     return f"checkpoint {path} is truncated or not a checkpoint ({reason})"
 
 
@@ -84,7 +87,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
         error = os_error_in(exc)
         if error is None:
             raise
-        raise RunFailure(f"cannot write checkpoint {path}: {error.strerror or error}") from None
+        # One OSError that names the file, instead of torch's RuntimeError chained to the OSError behind it.
+        raise OSError(error.errno, f"cannot write checkpoint {path}: {error.strerror or error}") from None
     finally:
         if temporary.exists():
             temporary.unlink()

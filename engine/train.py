@@ -233,7 +233,7 @@ def lock_run_folder(out_dir: Path) -> typing.IO:
     while a run holds it, a second run or a --resume of the same folder is refused, naming the
     holder's pid (which the holder writes into the file once it has checked the folder).
     """
-    handle = open(out_dir / LOCK_NAME, "a+")
+    handle = open(out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - the caller keeps it open for the run's life
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -404,9 +404,8 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     say(f"backends: {backends}; run folder {out_dir}")
     try:
         status = trainer.run()
-    except (OSError, RunFailure) as exc:  # the disk filled, or the run folder went away, mid-run
-        reason = (f"cannot write {exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename
-                  else exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+    except OSError as exc:  # the disk filled, or the run folder went away, mid-run
+        reason = f"cannot write {exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or str(exc)
         raise RunFailure(f"training stopped at step {trainer.step}: {reason}; the last checkpoint in {out_dir} is "
                          f"kept: make room and continue with --resume {out_dir}") from None
     except ValueError as exc:  # not bad input but a failure inside training: keep its traceback

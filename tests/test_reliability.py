@@ -188,7 +188,8 @@ def test_hf_import_of_weights_that_disagree_with_their_config(tmp_path, capsys):
     pytest.importorskip("safetensors")
     import safetensors.torch
 
-    shape = dict(vocab_size=40, d_model=16, n_heads=2, d_ff=32, n_layers=1, max_seq_len=16, pos_encoding="learned")
+    shape = {"vocab_size": 40, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 1, "max_seq_len": 16,
+             "pos_encoding": "learned"}
     folder = tmp_path / "hf"
     folder.mkdir()
     safetensors.torch.save_file(to_hf_tensors(GPT(GPTConfig(**shape))), str(folder / "model.safetensors"))
@@ -424,6 +425,7 @@ def test_help_shows_the_presets_values_not_gptconfigs():
 def test_help_does_not_import_the_distributed_checkpointing():
     code = ("import sys, engine.train; engine.train.build_parser().format_help(); "
             "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.checkpoint')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
