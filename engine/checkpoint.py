@@ -38,7 +38,7 @@ def load_failure(path: Path, exc: Exception) -> str:
         if found:
             return (f"{path} holds {found.group(1)}, not only tensors and plain data; it was not unpickled "
                     "(objects can run code)")
-        detail = re.search(r"Unpickler error: ([^\n]+)", text)
+        detail = re.search(r"Unpickler error:\s*([^\n]+)", text)
         reason = detail.group(1).strip() if detail else "not a pickle of tensors and plain data"
     return f"checkpoint {path} is truncated or not a checkpoint ({reason})"
 
