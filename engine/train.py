@@ -3,7 +3,9 @@
 With no arguments it trains on the built-in Shakespeare corpus: the `default` preset in bf16 on
 a CUDA GPU, or the `toy` preset in fp32 on a CPU (it reaches a readable loss in minutes there).
 Every GPTConfig and TrainConfig field is a flag; `--help` lists them. Bad input is one line on
-stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + the signal number.
+stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + the signal number; a
+write that fails mid-run (a full disk) is one line and exit status 1, the last checkpoint kept. A run
+holds an exclusive lock on its folder while it lives (see lock_run_folder).
 """
 from __future__ import annotations
 
