@@ -156,13 +156,20 @@ def missing_tensor(state):
     del state["model"]["blocks.0.fc1.weight"]
 
 
+def wrong_optimizer_shape(state):
+    state["optimizer"]["state"]["blocks.0.fc1.weight"]["exp_avg"] = torch.zeros(7, 16)
+
+
 FOREIGN = {
     "extra model key": (lambda state: state["model_config"].update(flash=True), "flash"),
     "extra train key": (lambda state: state["train_config"].update(warp_speed=9), "warp_speed"),
     "wrong shape": (wrong_shape, "blocks.0.fc1.weight has shape (7, 16), the model's config gives (32, 16)"),
     "missing tensor": (missing_tensor, "blocks.0.fc1.weight"),
     "object inside": (lambda state: state.update(extra=argparse.Namespace(a=1)), "argparse.Namespace"),
+    "wrong optimizer shape": (wrong_optimizer_shape, ("the optimizer's blocks.0.fc1.weight's exp_avg has shape "
+                                                      "(7, 16), the parameter has (32, 16)")),
 }
+TRAIN_ONLY = ("extra train key", "wrong optimizer shape")  # only a resumed run reads these
 TOOLS = {
     "train": lambda run, tmp: entry_point(["--resume", str(run), "--max-steps", "6"]),
     "sample": lambda run, tmp: sample_entry_point(["--run", str(run), "--tokens", "2"]),
@@ -172,8 +179,7 @@ TOOLS = {
 
 
 @pytest.mark.parametrize("case,tool", [(case, tool) for case in FOREIGN for tool in TOOLS
-                                       # only a resumed run builds a TrainConfig from the checkpoint
-                                       if case != "extra train key" or tool == "train"])
+                                       if case not in TRAIN_ONLY or tool == "train"])
 def test_foreign_checkpoints_are_one_line_naming_the_mismatch(tmp_path, finished_run, capsys, case, tool):
     if tool == "viz":
         pytest.importorskip("matplotlib")
