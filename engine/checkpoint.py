@@ -61,6 +61,22 @@ def check_model_state(saved, model: torch.nn.Module, source, config_name: str = 
                              f"{config_name} gives {tuple(tensor.shape)}")
 
 
+def check_optimizer_state(saved: dict, model: torch.nn.Module, source) -> None:
+    """Refuse optimizer state that belongs to other parameters (AdamW's moments must have each
+    parameter's shape: the fused kernel aborts the process on a mismatch, rather than raising)."""
+    parameters = dict(model.named_parameters())
+    state = saved.get("state", {})
+    if not isinstance(state, dict):
+        raise UsageError(f"{source} holds a malformed optimizer state")
+    for name, entry in state.items():
+        if name not in parameters or not isinstance(entry, dict):
+            raise UsageError(f"{source} holds optimizer state for {name!r}, which the model does not have")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[name].shape:
+                raise UsageError(f"{source} does not match the model's config: the optimizer's {name}'s {key} has "
+                                 f"shape {tuple(value.shape)}, the parameter has {tuple(parameters[name].shape)}")
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename inside `directory` durable (a no-op where directories cannot be opened)."""
     try:

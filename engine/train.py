@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from engine import distributed, ops
-from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
+from engine.checkpoint import CHECKPOINT_NAME, check_model_state, check_optimizer_state, load_checkpoint
 from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
 from engine.errors import RunFailure, UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
@@ -371,7 +371,9 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
         data.check_fits(model_config.max_seq_len)
         if checkpoint is not None:
             with torch.device("meta"):
-                check_model_state(checkpoint["model"], GPT(model_config), f"checkpoint {args.resume}")
+                shapes = GPT(model_config)
+            check_model_state(checkpoint["model"], shapes, f"checkpoint {args.resume}")
+            check_optimizer_state(checkpoint["optimizer"], shapes, f"checkpoint {args.resume}")
         backends = describe_backends(device.type, model_config.dropout > 0)
         if claim and context.is_main:
             out_dir = claimed = claim_out_dir(out_dir)
