@@ -101,3 +101,14 @@ def test_fsdp_needs_torchrun(tmp_path, corpus):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --fsdp shards the model across processes: launch with torchrun "
                                      "--nproc_per_node=N")
+
+
+def test_ranks_share_the_default_run_folder_that_rank_0_claims(tmp_path, corpus):
+    """Without --out rank 0 claims runs/<preset>-<time> and tells the other ranks: one folder, one run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "engine.train", *SMALL, "--data", str(corpus), "--batch-size", "1",
+                             "--max-steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and load_checkpoint(folders[0])["step"] == 2, folders
