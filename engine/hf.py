@@ -272,7 +272,8 @@ def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout:
     if tokenizer.kind == "ids" and data is not None and not is_nanogpt_folder(data):
         raise UsageError(f"--data {data} is not a nanoGPT folder (train.bin/val.bin): this model's tokens are "
                          "GPT-2 BPE ids, so it trains on token ids, not on text")
-    train_config = TrainConfig(data=resolved_data_path(data), tokenizer=tokenizer.kind if tokenizer.kind in ("char", "byte") else "char")
+    train_config = TrainConfig(data=resolved_data_path(data),
+                               tokenizer=tokenizer.kind if tokenizer.kind in ("char", "byte") else "char")
     model = GPT(config)
     model.load_state_dict(state)
     make_run_folder(out_dir)

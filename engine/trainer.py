@@ -494,7 +494,8 @@ class Trainer:
                     self.save()
                     last_saved_step = self.step
                     window_start += time.perf_counter() - eval_started  # tokens/s counts training time only
-                if check_stop and distributed.any_rank(wants_stop or stop_reason is not None, self.context, self.device):
+                stopping = wants_stop or stop_reason is not None
+                if check_stop and distributed.any_rank(stopping, self.context, self.device):
                     break
             self.elapsed += time.perf_counter() - started
             profiler.close()

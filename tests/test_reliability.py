@@ -357,7 +357,8 @@ def test_tokenizer_flag_with_a_nanogpt_folder_is_refused(tmp_path, capsys):
 
 
 def test_fp16_on_a_cpu_warns(tmp_path, corpus, capsys):
-    assert main([*TINY, "--data", str(corpus), "--dtype", "fp16", "--max-steps", "1", "--out", str(tmp_path / "r")]) == 0
+    run = tmp_path / "run"
+    assert main([*TINY, "--data", str(corpus), "--dtype", "fp16", "--max-steps", "1", "--out", str(run)]) == 0
     assert "warning: --dtype fp16 on a CPU" in capsys.readouterr().err
 
 
