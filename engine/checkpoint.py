@@ -9,16 +9,72 @@ Loading uses `torch.load(weights_only=True)`: no arbitrary objects are unpickled
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 
-from engine.errors import UsageError
+from engine.errors import UsageError, os_error_in
 
 FORMAT = "gpt-engine-checkpoint"
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "tokenizer", "rng")
+DICT_KEYS = ("model", "optimizer", "model_config", "train_config", "tokenizer", "rng")
+
+
+def load_failure(path: Path, exc: Exception) -> str:
+    """One line saying why torch.load refused a file.
+
+    A file that holds objects other than tensors and plain data fails weights_only loading with a
+    message advising weights_only=False, which would execute whatever the file holds: name the
+    object instead and never repeat that advice.
+    """
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found:
+            return (f"{path} holds {found.group(1)}, not only tensors and plain data; it was not unpickled "
+                    "(objects can run code)")
+        detail = re.search(r"Unpickler error:\s*([^\n]+)", text)
+        reason = detail.group(1).strip() if detail else "not a pickle of tensors and plain data"
+    return f"checkpoint {path} is truncated or not a checkpoint ({reason})"
+
+
+def check_model_state(saved, model: torch.nn.Module, source, config_name: str = "the model's config") -> None:
+    """Refuse weights that do not fit the model built from their own config (a foreign or edited file):
+    one UsageError naming the first missing, unexpected or misshapen tensor, instead of load_state_dict's
+    multi-line RuntimeError."""
+    if not isinstance(saved, dict) or not all(isinstance(value, torch.Tensor) for value in saved.values()):
+        raise UsageError(f"{source} holds no model weights (not a dict of tensors)")
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in saved]
+    unexpected = [name for name in saved if name not in expected]
+    if missing or unexpected:
+        raise UsageError(f"{source} does not match {config_name}: missing {', '.join(missing[:3]) or 'nothing'}, "
+                         f"unexpected {', '.join(unexpected[:3]) or 'nothing'}")
+    for name, tensor in expected.items():
+        if saved[name].shape != tensor.shape:
+            raise UsageError(f"{source} does not match {config_name}: {name} has shape {tuple(saved[name].shape)}, "
+                             f"{config_name} gives {tuple(tensor.shape)}")
+
+
+def check_optimizer_state(saved: dict, model: torch.nn.Module, source) -> None:
+    """Refuse optimizer state that belongs to other parameters (AdamW's moments must have each
+    parameter's shape: the fused kernel aborts the process on a mismatch, rather than raising)."""
+    parameters = dict(model.named_parameters())
+    state = saved.get("state", {})
+    if not isinstance(state, dict):
+        raise UsageError(f"{source} holds a malformed optimizer state")
+    for name, entry in state.items():
+        if name not in parameters or not isinstance(entry, dict):
+            raise UsageError(f"{source} holds optimizer state for {name!r}, which the model does not have")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[name].shape:
+                raise UsageError(f"{source} does not match the model's config: the optimizer's {name}'s {key} has "
+                                 f"shape {tuple(value.shape)}, the parameter has {tuple(parameters[name].shape)}")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -43,6 +99,12 @@ def save_checkpoint(state: dict, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:
+        error = os_error_in(exc)
+        if error is None:
+            raise
+        # One OSError that names the file, instead of torch's RuntimeError chained to the OSError behind it.
+        raise OSError(error.errno, f"cannot write checkpoint {path}: {error.strerror or error}") from None
     finally:
         if temporary.exists():
             temporary.unlink()
@@ -68,8 +130,7 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every unreadable file is the same user error
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"checkpoint {path} is truncated or not a checkpoint ({reason})") from None
+        raise UsageError(load_failure(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a gpt-engine checkpoint")
     if state.get("version") != VERSION:
@@ -77,4 +138,7 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise UsageError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    malformed = [key for key in DICT_KEYS if not isinstance(state[key], dict)]
+    if malformed or not isinstance(state["step"], int):
+        raise UsageError(f"checkpoint {path} is malformed: {', '.join(malformed or ['step'])} of the wrong type")
     return state

@@ -171,7 +171,10 @@ def default_corpus_text() -> str:
 
 
 def read_text_file(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     if not data.strip():
         raise UsageError(f"data file {path} is empty")
     if b"\x00" in data:
@@ -229,21 +232,56 @@ def cache_dir() -> Path:
 
 
 def _write_atomically(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a token file to the cache (temp file, fsync, rename); a full or unwritable cache folder is
+    one UsageError, and the temp file goes."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(array.tobytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            handle.write(array.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write the token cache in {path.parent}: {exc.strerror or exc} "
+                         "(set ENGINE_CACHE_DIR to a writable folder with room)") from None
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def _open_bin(path: Path, dtype) -> np.memmap:
     itemsize = np.dtype(dtype).itemsize
-    size = path.stat().st_size
-    if size == 0 or size % itemsize:
-        raise UsageError(f"{path} is truncated or empty ({size} bytes, not a whole number of {np.dtype(dtype).name})")
-    return np.memmap(path, dtype=dtype, mode="r")
+    try:
+        size = path.stat().st_size
+        if size == 0 or size % itemsize:
+            raise UsageError(f"{path} is truncated or empty ({size} bytes, not a whole number of "
+                             f"{np.dtype(dtype).name})")
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+# Tokens per read when a token file is scanned once on opening (64 MiB of uint32 at most).
+SCAN_CHUNK = 1 << 24
+
+
+def scan_token_file(tokens: np.ndarray, digest) -> int:
+    """One pass over a (memory-mapped) token array: feed its bytes to `digest`, return its largest id."""
+    largest = 0
+    for start in range(0, len(tokens), SCAN_CHUNK):
+        chunk = np.ascontiguousarray(tokens[start:start + SCAN_CHUNK])
+        digest.update(chunk)
+        largest = max(largest, int(chunk.max()))
+    return largest
+
+
+def check_fingerprint(source: str, fingerprint: str, expected: str | None) -> None:
+    """Refuse a corpus whose content differs from the one a checkpoint was trained on."""
+    if expected is not None and fingerprint != expected:
+        raise UsageError(f"the corpus {source} has changed since the checkpoint was written (content fingerprint "
+                         f"{expected[:12]}, now {fingerprint[:12]}): resume with the data it was trained on, "
+                         "or start a new run")
 
 
 @dataclass
@@ -254,6 +292,7 @@ class TokenData:
     val: np.ndarray
     tokenizer: object
     source: str
+    fingerprint: str = ""  # sha256 of the corpus content (text, or the .bin files); compared on resume
 
     def check_fits(self, seq_len: int) -> None:
         for split, tokens in (("train", self.train), ("val", self.val)):
@@ -283,19 +322,23 @@ class TokenData:
         return windows[:, :-1], windows[:, 1:]
 
 
-def load_token_data(path: str | None, tokenizer_kind: str = "char", tokenizer=None) -> TokenData:
+def load_token_data(path: str | None, tokenizer_kind: str = "char", tokenizer=None,
+                    expected_fingerprint: str | None = None) -> TokenData:
     """Tokenize (or open) the corpus at `path` (None: the default corpus).
 
     tokenizer: an existing tokenizer (when resuming); otherwise one of kind `tokenizer_kind` is
-    built from the corpus.
+    built from the corpus. expected_fingerprint: the content fingerprint a checkpoint recorded; a
+    corpus that no longer has it is refused before it is tokenized.
     """
     if is_nanogpt_folder(path):
-        return _load_nanogpt_folder(Path(path), tokenizer)
+        return _load_nanogpt_folder(Path(path), tokenizer, expected_fingerprint)
     if tokenizer_kind not in TOKENIZERS and tokenizer is None:
         raise UsageError(f"unknown tokenizer {tokenizer_kind!r}; choose one of {', '.join(TOKENIZERS)}")
     text = corpus_text(path)
     if not text.strip():
         raise UsageError(f"corpus {path} holds no text")
+    content = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    check_fingerprint(path or DEFAULT_CORPUS, content, expected_fingerprint)
     if tokenizer is None:
         tokenizer = CharTokenizer.from_text(text) if tokenizer_kind == "char" else ByteTokenizer()
     fingerprint = hashlib.sha256(
@@ -307,12 +350,13 @@ def load_token_data(path: str | None, tokenizer_kind: str = "char", tokenizer=No
         _write_atomically(cached, np.asarray(tokenizer.encode(text), dtype=dtype))
     tokens = _open_bin(cached, dtype)
     split = int(len(tokens) * (1 - VAL_FRACTION))
-    return TokenData(tokens[:split], tokens[split:], tokenizer, path or DEFAULT_CORPUS)
+    return TokenData(tokens[:split], tokens[split:], tokenizer, path or DEFAULT_CORPUS, content)
 
 
-def _load_nanogpt_folder(folder: Path, tokenizer) -> TokenData:
+def _load_nanogpt_folder(folder: Path, tokenizer, expected_fingerprint: str | None = None) -> TokenData:
     if not (folder / "val.bin").is_file():
         raise UsageError(f"nanoGPT folder {folder} has train.bin but no val.bin")
+    vocabulary = "the checkpoint's tokenizer"
     if tokenizer is None:
         meta_path = folder / "meta.pkl"
         if meta_path.is_file():
@@ -323,8 +367,21 @@ def _load_nanogpt_folder(folder: Path, tokenizer) -> TokenData:
                 tokenizer = CharTokenizer("".join(entries))
             else:  # not a one-character-per-id vocabulary: keep the ids opaque rather than misread them
                 tokenizer = IdTokenizer(int(meta["vocab_size"]))
+            vocabulary = "meta.pkl's vocab_size"
         else:
             tokenizer = IdTokenizer(50257)  # nanoGPT's BPE folders (GPT-2 vocabulary) carry no meta.pkl
+            vocabulary = "GPT-2's BPE, assumed without a meta.pkl"
     train = _open_bin(folder / "train.bin", np.uint16)
     val = _open_bin(folder / "val.bin", np.uint16)
-    return TokenData(train, val, tokenizer, str(folder))
+    # One read of both files, now rather than as an IndexError deep in the run: the content
+    # fingerprint, and every id checked against the vocabulary.
+    digest = hashlib.sha256(f"{len(train)} {len(val)}".encode())
+    largest = {name: scan_token_file(tokens, digest) for name, tokens in (("train", train), ("val", val))}
+    fingerprint = digest.hexdigest()
+    check_fingerprint(str(folder), fingerprint, expected_fingerprint)
+    for name, tokens in (("train", train), ("val", val)):
+        if largest[name] >= tokenizer.vocab_size:
+            position = int(np.argmax(tokens >= tokenizer.vocab_size))
+            raise UsageError(f"{folder / name}.bin holds token id {largest[name]} (at position {position}), "
+                             f"outside the vocabulary of {tokenizer.vocab_size} ({vocabulary})")
+    return TokenData(train, val, tokenizer, str(folder), fingerprint)

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+
+# torch.distributed.checkpoint.state_dict, which the full-state functions below use, is imported inside
+# them: it costs about as much as the rest of the engine's start-up (`--help` included) together.
 
 
 @dataclass(frozen=True)
@@ -121,21 +118,24 @@ def wrap(model: nn.Module, context: Context, device: torch.device, fsdp: bool) -
     return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded model and optimizer state keyed by parameter name, the same under DDP, FSDP or
     one process (a collective under FSDP: every rank must call it)."""
-    return get_state_dict(model, optimizer, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                     optimizer_state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True))
 
 
 def load_full_model_state(model: nn.Module, model_state: dict) -> None:
     """Load weights only, leaving a fresh optimizer untouched (no state, no step taken)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from engine.checkpoint import CHECKPOINT_NAME, load_failure, save_checkpoint
 from engine.data import IdTokenizer, is_nanogpt_folder, load_tokenizer, save_tokenizer
 from engine.errors import UsageError, run_cli
 from engine.model import GPT, GPTConfig
 from engine.sample import HF_TOKENIZER_DIR, checkpoint_file, load_model
-from engine.train import ArgumentParser
+from engine.train import ArgumentParser, resolved_data_path
 from engine.trainer import TrainConfig, make_optimizer
 
 WEIGHTS_NAME = "model.safetensors"
@@ -177,6 +177,13 @@ def from_hf_tensors(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict
     if missing or unexpected:
         raise UsageError(f"the weights do not match the config.json's GPT-2 shape: missing {missing[:4]}"
                          f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}")
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    for ours, theirs, transposed in mapping:  # Conv1D layers hold the transpose of the engine's Linear
+        shape = tuple(reversed(expected[ours].shape)) if transposed else tuple(expected[ours].shape)
+        if tuple(tensors[theirs].shape) != shape:
+            raise UsageError(f"the weights do not match the config.json: {theirs} has shape "
+                             f"{tuple(tensors[theirs].shape)}, the config.json gives {shape}")
     if "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"], tensors["transformer.wte.weight"]):
         raise UsageError("lm_head.weight differs from the token embedding: untied GPT-2 heads are not supported")
     state = {}
@@ -234,7 +241,7 @@ def read_hf_folder(folder: Path, dropout: float) -> tuple[GPTConfig, dict[str, t
         try:
             tensors = torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"cannot read {folder / LEGACY_WEIGHTS_NAME}: {exc}") from None
+            raise UsageError(load_failure(folder / LEGACY_WEIGHTS_NAME, exc)) from None
     elif (folder / f"{WEIGHTS_NAME}.index.json").is_file():
         raise UsageError(f"{folder} holds a sharded checkpoint; only a single {WEIGHTS_NAME} imports")
     else:
@@ -265,7 +272,8 @@ def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout:
     if tokenizer.kind == "ids" and data is not None and not is_nanogpt_folder(data):
         raise UsageError(f"--data {data} is not a nanoGPT folder (train.bin/val.bin): this model's tokens are "
                          "GPT-2 BPE ids, so it trains on token ids, not on text")
-    train_config = TrainConfig(data=data, tokenizer=tokenizer.kind if tokenizer.kind in ("char", "byte") else "char")
+    train_config = TrainConfig(data=resolved_data_path(data),
+                               tokenizer=tokenizer.kind if tokenizer.kind in ("char", "byte") else "char")
     model = GPT(config)
     model.load_state_dict(state)
     make_run_folder(out_dir)

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from engine import ops
-from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
 from engine.data import tokenizer_from_dict
 from engine.errors import UsageError, run_cli
-from engine.model import GPT, GPTConfig
-from engine.train import ArgumentParser, resolve_device, resolve_dtype
+from engine.model import GPT
+from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype, warn_slow_dtype
 from engine.trainer import DTYPES
 
 HF_TOKENIZER_DIR = "hf_tokenizer"
@@ -54,7 +55,8 @@ def checkpoint_file(run: Path | None, checkpoint: Path | None) -> Path:
 def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, object, dict]:
     """A checkpoint file -> (model in eval mode on device, its tokenizer, the checkpoint dict)."""
     state = load_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(state["model_config"]))
+    model = GPT(model_config_of(state, path))
+    check_model_state(state["model"], model, f"checkpoint {path}")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer_from_dict(state["tokenizer"]), state
 
@@ -161,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_sampling_args(args) -> None:
     if args.tokens < 1:
         raise UsageError(f"--tokens must be a positive integer, got {args.tokens}")
+    if not math.isfinite(args.temperature):
+        raise UsageError(f"--temperature must be a finite number, got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
     path = checkpoint_file(args.run, args.checkpoint)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    warn_slow_dtype(dtype, device)
     ops.set_backend(args.backend)
     model, tokenizer, _ = load_model(path, device)
     tokenizer = text_tokenizer(tokenizer, path.parent, use_ids=args.prompt_ids is not None)

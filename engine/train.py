@@ -3,13 +3,19 @@
 With no arguments it trains on the built-in Shakespeare corpus: the `default` preset in bf16 on
 a CUDA GPU, or the `toy` preset in fp32 on a CPU (it reaches a readable loss in minutes there).
 Every GPTConfig and TrainConfig field is a flag; `--help` lists them. Bad input is one line on
-stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + the signal number.
+stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + the signal number; a
+write that fails mid-run (a full disk) is one line and exit status 1, the last checkpoint kept. A run
+holds an exclusive lock on its folder while it lives (see lock_run_folder).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
+import itertools
 import json
+import os
 import re
 import shutil
 import sys
@@ -21,9 +27,9 @@ from pathlib import Path
 import torch
 
 from engine import distributed, ops
-from engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from engine.data import load_token_data, save_tokenizer, tokenizer_from_dict
-from engine.errors import UsageError, run_cli
+from engine.checkpoint import CHECKPOINT_NAME, check_model_state, check_optimizer_state, load_checkpoint
+from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
+from engine.errors import RunFailure, UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
 from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
 
@@ -40,6 +46,8 @@ PRESET_TRAINING = {
 PRESET_DEPENDENT = {name for values in PRESET_TRAINING.values() for name in values}
 # Fields a resumed run must keep: they define what the checkpoint's tokens mean.
 FIXED_ON_RESUME = ("data", "tokenizer")
+# The file in a run folder that a live run holds an exclusive lock on (and writes its pid into).
+LOCK_NAME = ".lock"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -71,9 +79,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str) -> Non
         flag = "--" + field.name.replace("_", "-")
         kind = _flag_type(field.type)
         default = field.default
-        if field.name in PRESET_DEPENDENT:
-            default = ", ".join(f"{name} {values.get(field.name, field.default)}"
-                                for name, values in PRESET_TRAINING.items())
+        if cls is GPTConfig and field.name == "vocab_size":
+            default = "from the tokenizer"
+        elif field.name in PRESET_DEPENDENT or cls is GPTConfig and len(
+                {str(values.get(field.name, field.default)) for values in PRESETS.values()}) > 1:
+            presets = PRESET_TRAINING if field.name in PRESET_DEPENDENT else PRESETS
+            default = "depends on --preset: " + ", ".join(f"{name} {values.get(field.name, field.default)}"
+                                                          for name, values in presets.items())
         help_text = f"{field.metadata.get('help', '')} (default: {default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -90,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="model preset (default: 'default' on a GPU, 'toy' on a CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<preset>-<time>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder (default: runs/<preset>-<date>-<time>, with -2, -3, ... if that is taken)")
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
                         help="continue the run in DIR (or from a checkpoint file) exactly where it stopped")
     parser.add_argument("--list-backends", action="store_true", help="print every backend's availability and exit")
@@ -125,13 +138,38 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolved_data_path(data: str | None) -> str | None:
+    """--data as an absolute path, so that a resumed run finds it from any directory."""
+    return None if data is None else str(Path(data).expanduser().resolve())
+
+
+def warn_slow_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """CPUs have no fast fp16 arithmetic: autocast to fp16 there runs about 10x slower than fp32. Say so."""
+    if dtype == torch.float16 and device.type == "cpu":
+        print("warning: --dtype fp16 on a CPU is emulated and about 10x slower than fp32; use --dtype fp32 "
+              "(or auto) unless you are testing fp16 itself", file=sys.stderr)
+
+
 def configs_for_new_run(args) -> tuple[str, GPTConfig, TrainConfig, torch.device]:
     train_flags = explicit_fields(args, TrainConfig)
+    if "data" in train_flags:
+        train_flags["data"] = resolved_data_path(train_flags["data"])
+    if "tokenizer" in train_flags and is_nanogpt_folder(train_flags.get("data")):
+        raise UsageError(f"--tokenizer does not apply to a nanoGPT folder: {train_flags['data']} brings its own "
+                         "token ids (meta.pkl, or GPT-2 BPE ids without one)")
     device = resolve_device(train_flags.get("device", "auto"))
     preset_name = args.preset or DEFAULT_PRESET[device.type]
     train_config = TrainConfig(**PRESET_TRAINING[preset_name] | train_flags)
     model_config = preset(preset_name, **explicit_fields(args, GPTConfig))
     return preset_name, model_config, train_config, device
+
+
+def model_config_of(state: dict, path: Path) -> GPTConfig:
+    """The GPTConfig a checkpoint records; one that this engine cannot build is a UsageError naming the file."""
+    try:
+        return GPTConfig.from_dict(state["model_config"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"checkpoint {path} has a model config this engine cannot build: {exc}") from None
 
 
 def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, torch.device]:
@@ -147,13 +185,21 @@ def configs_for_resume(args, checkpoint: dict) -> tuple[GPTConfig, TrainConfig, 
                 raise UsageError(f"checkpoint config mismatch: the checkpoint's {name} is {saved_model.get(name)!r}, "
                                  f"preset {args.preset!r} has {value!r}")
     train_flags = explicit_fields(args, TrainConfig)
-    saved_train = checkpoint["train_config"]
+    if "data" in train_flags:
+        train_flags["data"] = resolved_data_path(train_flags["data"])
+    # A wall-clock limit belongs to the invocation that gave it: a resumed run has none unless given again.
+    saved_train = checkpoint["train_config"] | {"max_time": None}
+    saved_train["data"] = resolved_data_path(saved_train.get("data"))  # older checkpoints stored it as typed
     for name in FIXED_ON_RESUME:
         if name in train_flags and train_flags[name] != saved_train.get(name):
             raise UsageError(f"checkpoint config mismatch: {name} is {saved_train.get(name)!r} in the checkpoint "
                              f"but {train_flags[name]!r} was given")
+    unknown = sorted(set(saved_train) - {field.name for field in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise UsageError(f"checkpoint {args.resume} has training settings this engine does not know: "
+                         f"{', '.join(unknown)} (written by another version or program?)")
     train_config = TrainConfig(**(saved_train | train_flags))
-    return GPTConfig.from_dict(saved_model), train_config, resolve_device(train_config.device)
+    return model_config_of(checkpoint, args.resume), train_config, resolve_device(train_config.device)
 
 
 def checkpoint_bytes(model_config: GPTConfig) -> int:
@@ -163,18 +209,90 @@ def checkpoint_bytes(model_config: GPTConfig) -> int:
     return int(parameters * 4 * 3 * 1.1) + (1 << 20)
 
 
-def prepare_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int = 0) -> None:
+def default_out_dir(preset_name: str) -> Path:
+    """runs/<preset>-<date>-<time>: the run folder when --out is not given (claim_out_dir makes it unique)."""
+    return Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def claim_out_dir(base: Path) -> Path:
+    """Create the first of base, base-2, base-3, ... that does not exist yet and return it: mkdir is
+    atomic, so two runs started in the same second never get the same default folder."""
+    for number in itertools.count(1):
+        candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"cannot create run folder {candidate}: {exc.strerror or exc}") from None
+
+
+def lock_run_folder(out_dir: Path) -> typing.IO:
+    """Take an exclusive lock on out_dir/.lock (flock) for as long as the returned file stays open.
+
+    The kernel drops the lock when the process dies, SIGKILL included, so a lock is never stale;
+    while a run holds it, a second run or a --resume of the same folder is refused, naming the
+    holder's pid (which the holder writes into the file once it has checked the folder).
+    """
+    handle = open(out_dir / LOCK_NAME, "a+")  # noqa: SIM115 - the caller keeps it open for the run's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UsageError(f"{out_dir} is in use by a live run (pid {holder}); wait for it to finish, stop it, "
+                         "or choose another --out") from None
+    return handle
+
+
+def is_engine_config(path: Path) -> bool:
+    """Whether path is a config.json that engine.train wrote (a run that died before its first checkpoint)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"model", "train"} <= set(values)
+
+
+def prepare_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int = 0) -> typing.IO | None:
     """Make sure the run folder can be written and has room for checkpoints, and never overwrite
-    another run's checkpoint: all before training starts, not hours later."""
+    another run's checkpoint: all before training starts, not hours later.
+
+    Returns the run folder's lock (rank 0 only; None on the other ranks), to keep open while training.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output path {out_dir} exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_folder(out_dir) if rank == 0 else None
+    except OSError as exc:
+        raise UsageError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+    try:
+        check_out_dir(out_dir, resuming_in_place, needed_bytes, rank)
+        if lock is not None:  # the folder is ours: say who holds it
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def check_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, rank: int) -> None:
+    """prepare_out_dir's checks, under the folder's lock."""
     if not resuming_in_place and (out_dir / CHECKPOINT_NAME).exists():
         raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out")
     if not resuming_in_place and (out_dir / "metrics.jsonl").exists():
         raise UsageError(f"{out_dir} holds metrics.jsonl of an earlier run that saved no checkpoint; "
                          "delete that folder or choose another --out")
+    if not resuming_in_place and (out_dir / "config.json").exists() and not is_engine_config(out_dir / "config.json"):
+        raise UsageError(f"{out_dir} holds a config.json that engine.train did not write; choose another --out")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{rank}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
@@ -205,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         banner = f"resuming {args.resume} at step {checkpoint['step']}"
     else:
         preset_name, model_config, train_config, device = configs_for_new_run(args)
-        out_dir = args.out or Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out_dir = args.out or default_out_dir(preset_name)
         resuming_in_place = False
         tokenizer = None
         banner = f"preset {preset_name!r}"
@@ -219,22 +337,31 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", context.local_rank)
     if train_config.fsdp and not context.enabled:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
+    held = contextlib.ExitStack()  # what the run holds until it ends: its folder's lock
     try:
         return train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place,
-                     tokenizer, banner)
+                     tokenizer, banner, held=held, claim=args.out is None and checkpoint is None)
     finally:
+        held.close()
         distributed.teardown(context)
 
 
 def train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place, tokenizer,
-          banner) -> int:
-    """Load the data, check the run folder, build the Trainer, run it, print a sample."""
+          banner, held: contextlib.ExitStack, claim: bool = False) -> int:
+    """Load the data, check the run folder, build the Trainer, run it, print a sample.
+
+    held keeps the run folder's lock until the caller closes it; claim: out_dir is a default name, to be
+    made unique (claim_out_dir) once the input has been checked.
+    """
     say = print if context.is_main else (lambda *a, **k: None)
     dtype = resolve_dtype(train_config.dtype, device)
+    if context.is_main:
+        warn_slow_dtype(dtype, device)
     ops.set_backend(train_config.backend)
-    setup_error = None
+    setup_error = claimed = None
     try:
-        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer)
+        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer,
+                               expected_fingerprint=checkpoint.get("data_fingerprint") if checkpoint else None)
         if checkpoint is None:
             vocab_size = args.vocab_size or data.tokenizer.vocab_size
             if vocab_size < data.tokenizer.vocab_size:
@@ -242,19 +369,36 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
                                  f"{data.tokenizer.vocab_size}")
             model_config = GPTConfig.from_dict(model_config.to_dict() | {"vocab_size": vocab_size})
         data.check_fits(model_config.max_seq_len)
+        if checkpoint is not None:
+            with torch.device("meta"):
+                shapes = GPT(model_config)
+            check_model_state(checkpoint["model"], shapes, f"checkpoint {args.resume}")
+            check_optimizer_state(checkpoint["optimizer"], shapes, f"checkpoint {args.resume}")
         backends = describe_backends(device.type, model_config.dropout > 0)
-        prepare_out_dir(out_dir, resuming_in_place, checkpoint_bytes(model_config), context.rank)
+        if claim and context.is_main:
+            out_dir = claimed = claim_out_dir(out_dir)
+        if context.is_main or not claim:  # the other ranks learn rank 0's claimed folder below
+            lock = prepare_out_dir(out_dir, resuming_in_place, checkpoint_bytes(model_config), context.rank)
+            if lock is not None:
+                held.enter_context(lock)
     except (UsageError, ValueError) as exc:
         setup_error = exc
+        if claimed is not None:  # a folder this run created and never used
+            shutil.rmtree(claimed, ignore_errors=True)
     # Under torchrun the ranks fail together: one rank alone would leave the others waiting forever.
     if distributed.any_rank(setup_error is not None, context, device):
         raise setup_error or UsageError("another rank failed to set up; see its error")
+    if claim and context.enabled:
+        out_dir = Path(distributed.gather_objects(str(out_dir), context)[0])
 
     trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint, context=context)
     if context.is_main:
         config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
-        (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
+        try:
+            (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+            save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
+        except OSError as exc:
+            raise RunFailure(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
 
     parallel = f", {context.world_size} ranks ({'FSDP' if train_config.fsdp else 'DDP'})" if context.enabled else ""
     say(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "
@@ -264,6 +408,10 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     say(f"backends: {backends}; run folder {out_dir}")
     try:
         status = trainer.run()
+    except OSError as exc:  # the disk filled, or the run folder went away, mid-run
+        reason = f"cannot write {exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or str(exc)
+        raise RunFailure(f"training stopped at step {trainer.step}: {reason}; the last checkpoint in {out_dir} is "
+                         f"kept: make room and continue with --resume {out_dir}") from None
     except ValueError as exc:  # not bad input but a failure inside training: keep its traceback
         raise RuntimeError(f"training failed at step {trainer.step}: {exc}") from exc
     if status == 0 and train_config.sample_tokens > 0 and context.is_main:

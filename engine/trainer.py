@@ -67,6 +67,13 @@ class TrainConfig:
                                     "norm (each is skipped, not applied).")
 
     def __post_init__(self) -> None:
+        # First, so that nan and inf, which compare false with everything, are named as such.
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "max_time"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
                     "max_bad_steps")
         for name in positive:
@@ -196,6 +203,11 @@ class Trainer:
         self.bad_streak_start = torch.zeros((), dtype=torch.long, device=device)
         self.worst_streak = torch.zeros((), dtype=torch.long, device=device)
         self.worst_streak_start = torch.zeros((), dtype=torch.long, device=device)
+        # The open log window (sums since the last metrics row, on the device). Checkpoints keep it, so a run
+        # stopped and resumed between two log steps writes the rows an uninterrupted run writes.
+        self.running_loss = torch.zeros((), device=device)
+        self.running_grad_norm = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device)
         if checkpoint is not None:
             self._restore(checkpoint)
         # The loss (forward, LM head and cross-entropy) is what each step runs; compile that.
@@ -224,10 +236,17 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "tokenizer": self.data.tokenizer.to_dict(),
             "data_source": self.data.source,
+            "data_fingerprint": self.data.fingerprint,
             "rng": rng,
             "skipped_steps": int(self.skipped_steps.item()),
             "bad_streak": [int(self.bad_streak.item()), int(self.bad_streak_start.item())],
+            "log_window": distributed.gather_objects(self._log_window(), self.context),  # one per rank
         }
+
+    def _log_window(self) -> list[float]:
+        """This rank's open log window as plain numbers (exact: float32 values fit a Python float)."""
+        return [self.running_loss.item(), self.running_grad_norm.item(), self.finite_steps.item(),
+                float(self.worst_streak.item()), float(self.worst_streak_start.item())]
 
     def _restore(self, checkpoint: dict) -> None:
         optimizer_state = checkpoint["optimizer"]
@@ -245,6 +264,14 @@ class Trainer:
         self.bad_streak.fill_(streak)
         self.bad_streak_start.fill_(streak_start)
         self.data_generator.set_state(checkpoint["rng"]["data"])
+        windows = checkpoint.get("log_window", [])
+        if len(windows) == self.context.world_size:  # another world size starts a fresh window
+            loss, grad_norm, finite, streak, streak_start = windows[self.context.rank]
+            self.running_loss.fill_(loss)
+            self.running_grad_norm.fill_(grad_norm)
+            self.finite_steps.fill_(finite)
+            self.worst_streak.fill_(int(streak))
+            self.worst_streak_start.fill_(int(streak_start))
         per_rank = checkpoint["rng"].get("per_rank", [])
         if len(per_rank) == self.context.world_size:  # same world size: every rank continues its own stream
             local = per_rank[self.context.rank]
@@ -277,8 +304,11 @@ class Trainer:
         """Append a row to metrics.jsonl (the record of the run) and mirror it to TensorBoard if enabled."""
         if not self.context.is_main:
             return
+        # JSON has no NaN or Infinity: a non-finite value (an evaluation that overflowed) is written as null.
+        row = {name: None if isinstance(value, float) and not math.isfinite(value) else value
+               for name, value in row.items()}
         with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for name, value in row.items():
                 if name != "step" and value is not None:
@@ -394,9 +424,8 @@ class Trainer:
         started = run_started = time.perf_counter()
         window_start, window_steps = started, 0
         out_of_time = False
-        running_loss = torch.zeros((), device=self.device)
-        running_grad_norm = torch.zeros((), device=self.device)
-        finite_steps = torch.zeros((), device=self.device)
+        # Updated in place, so that checkpoints (state()) hold the open window.
+        running_loss, running_grad_norm, finite_steps = self.running_loss, self.running_grad_norm, self.finite_steps
         stop_reason = None
         if config.tensorboard and self.context.is_main:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency, imported only when asked for
@@ -420,9 +449,10 @@ class Trainer:
                 # max_time counts this invocation's training, so a resumed run gets the budget again.
                 out_of_time = config.max_time is not None and time.perf_counter() - run_started >= config.max_time
                 wants_stop = stop.signal_number is not None or out_of_time
-                # A single process logs (and so stops) at once; under torchrun the ranks agree at log steps.
-                log_step = (self.step % config.log_interval == 0 or self.step == config.max_steps
-                            or (wants_stop and not self.context.enabled))
+                log_step = self.step % config.log_interval == 0 or self.step == config.max_steps
+                # A single process stops at once (the checkpoint keeps the open log window); under torchrun
+                # the ranks agree at log steps.
+                check_stop = log_step or (wants_stop and not self.context.enabled)
                 if log_step:
                     # The one host sync per log interval (and, under torchrun, one all_reduce).
                     sums = distributed.mean_across_ranks(torch.stack([running_loss, running_grad_norm]), self.context)
@@ -464,7 +494,8 @@ class Trainer:
                     self.save()
                     last_saved_step = self.step
                     window_start += time.perf_counter() - eval_started  # tokens/s counts training time only
-                if log_step and distributed.any_rank(wants_stop or stop_reason is not None, self.context, self.device):
+                stopping = wants_stop or stop_reason is not None
+                if check_stop and distributed.any_rank(stopping, self.context, self.device):
                     break
             self.elapsed += time.perf_counter() - started
             profiler.close()

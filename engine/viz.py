@@ -62,8 +62,12 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} line {number} is not JSON: {line[:60]!r}") from None
+        except json.JSONDecodeError:  # torn by a crash mid-write, as resuming treats it: skip it
+            print(f"warning: skipping line {number} of {path}: not JSON (torn by a crash?): {line[:60]!r}",
+                  file=sys.stderr)
+            continue
+        if not isinstance(row, dict):
+            continue
         if "loss" in row:
             train_rows.append(row)
         if "val_loss" in row:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,21 @@ def test_fsdp_needs_torchrun(tmp_path, corpus):
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --fsdp shards the model across processes: launch with torchrun "
                                      "--nproc_per_node=N")
+
+
+def test_ranks_share_the_default_run_folder_that_rank_0_claims(tmp_path, corpus):
+    """Without --out rank 0 claims runs/<preset>-<time> (here taken already, so with -2) and tells the
+    other ranks: one new folder, one run, and the folder that held the name is left alone."""
+    now = time.time()
+    taken = [tmp_path / "runs" / f"toy-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}" for s in range(120)]
+    for folder in taken:  # every name the next two minutes would give
+        folder.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "engine.train", *SMALL, "--data", str(corpus), "--batch-size", "1",
+                             "--max-steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = sorted(set((tmp_path / "runs").iterdir()) - set(taken))
+    assert len(new) == 1 and new[0].name.endswith("-2") and load_checkpoint(new[0])["step"] == 2, new
+    assert all(not any(folder.iterdir()) for folder in taken)
