@@ -191,7 +191,7 @@ def test_max_time_is_per_invocation(tmp_path, corpus):
     run = tmp_path / "run"
     assert main([*SMALL, "--data", str(corpus), "--max-steps", "100000", "--max-time", "1s", "--out", str(run)]) == 0
     first = load_checkpoint(run)["step"]
-    assert main(["--resume", str(run), "--max-time", "1s"]) == 0  # another second of training (not inherited)
+    assert main(["--resume", str(run), "--max-time", "2s"]) == 0  # two more seconds of training (not inherited)
     assert load_checkpoint(run)["step"] > first + 1
 
 
