@@ -167,17 +167,21 @@ def _seeded(device: torch.device):
         yield
 
 
+def _input_dtype(op: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the trainer hands `op` its tensors in when it trains in `dtype` (under autocast unless fp32)."""
+    return torch.float32 if op in FP32_INPUT_OPS else dtype
+
+
 def run_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype) -> CaseResult:
     """Forward and every gradient of one case on `backend`, judged against `reference` by the 2x rule."""
     reason = registry.why_not(backend, case.call(device.type, dtype))
     if reason is not None:
         return CaseResult(case.label, "n/a", message=f"{backend} {reason}")
-    autocast = dtype != torch.float32
-    input_dtype = torch.float32 if autocast and case.op in FP32_INPUT_OPS else dtype
     try:
         with _seeded(device):
             verdicts = tolerance.compare_with_reference(case.op, case.make_inputs, dtype, backend, device, case.kwargs,
-                                                        input_dtype=input_dtype, autocast=autocast)
+                                                        input_dtype=_input_dtype(case.op, dtype),
+                                                        autocast=dtype != torch.float32)
     except Exception as exc:  # noqa: BLE001 - a backend that raises fails its check; the message says how
         return CaseResult(case.label, "FAIL", message=_first_line(exc))
     failed = [verdict for verdict in verdicts if not verdict.ok]
@@ -244,7 +248,7 @@ def time_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype
     """Seconds of one forward + backward: the best of `repeats` after one untimed call (compilation,
     autotuning). The best, not the median: on a shared machine the other processes only add time."""
     autocast = dtype != torch.float32
-    input_dtype = torch.float32 if autocast and case.op in FP32_INPUT_OPS else dtype
+    input_dtype = _input_dtype(case.op, dtype)
     with _seeded(torch.device("cpu")):
         inputs = [t.to(device=device, dtype=input_dtype).requires_grad_() if t is not None and t.is_floating_point()
                   else (t.to(device) if t is not None else None) for t in case.make_inputs()]

@@ -281,7 +281,7 @@ def test_resolution_is_cached_per_kind_of_call(limited_cpu_backend, monkeypatch)
         ops.attention(q[..., :64], q[..., :64], q[..., :64], backend="auto")  # a new kind: resolved
 
 
-def test_the_real_records_route_a_cuda_model_with_head_dim_96_to_torch():
+def test_the_real_records_route_a_cuda_model_with_head_dim_96_around_triton():
     # Needs no GPU: resolution reads only the records (triton's is available under TRITON_INTERPRET=1).
     pytest.importorskip("triton")
     from engine.model import GPTConfig
@@ -293,7 +293,8 @@ def test_the_real_records_route_a_cuda_model_with_head_dim_96_to_torch():
     d64 = GPTConfig(vocab_size=50, d_model=768, n_heads=12, d_ff=64, n_layers=1, max_seq_len=16)
     try:
         chosen = ops.check_model_support(d96, "cuda", torch.bfloat16, backend="auto")
-        assert {call.op: name for call, name in chosen.items() if call.op == "attention"} == {"attention": "torch"}
+        next_best = "cuda" if ops.available_backends()["cuda"][0] else "torch"  # cuda takes multiples of 8
+        assert {call.op: name for call, name in chosen.items() if call.op == "attention"} == {"attention": next_best}
         assert ops.check_model_support(d64, "cuda", torch.bfloat16, decode=True, backend="auto") != {}
         assert ops.resolve_name("attention", "cuda", "auto", dtype=torch.bfloat16, head_dim=64,
                                 decode=True) == "triton"
