@@ -43,9 +43,11 @@ from engine.ops import registry, tolerance
 from engine.ops.backend import OP_NAMES, Call
 
 DTYPES = {name: dtype for dtype, name in registry.DTYPE_NAMES.items() if dtype != torch.float64}
-# Ops the model calls with fp32 tensors under autocast (the residual stream and the weights stay
-# fp32; the matmuls run in the autocast dtype). Attention and the loss get the low-precision tensors.
+# Ops the model calls with fp32 tensors under autocast: the residual stream and the weights stay
+# fp32 and the matmuls run in the autocast dtype. Attention and the loss get low-precision tensors;
+# LayerNorm gets the fp32 residual stream and computes in fp32 (no matmul for autocast to cast).
 FP32_INPUT_OPS = ("ffn", "layer_norm", "linear_cross_entropy")
+FP32_COMPUTE_OPS = ("layer_norm",)
 # Head dimensions the device check tries; a backend is checked on those it declares.
 HEAD_DIMS = (16, 32, 64, 96, 128)
 # Rows (tokens) in every case: odd, so no kernel sees only whole blocks.
@@ -167,21 +169,22 @@ def _seeded(device: torch.device):
         yield
 
 
-def _input_dtype(op: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the trainer hands `op` its tensors in when it trains in `dtype` (under autocast unless fp32)."""
-    return torch.float32 if op in FP32_INPUT_OPS else dtype
+def _dtypes(op: str, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(the dtype of the tensors the trainer hands `op`, the dtype `op` computes in) when it trains in `dtype`."""
+    return (torch.float32 if op in FP32_INPUT_OPS else dtype), (torch.float32 if op in FP32_COMPUTE_OPS else dtype)
 
 
 def run_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype) -> CaseResult:
     """Forward and every gradient of one case on `backend`, judged against `reference` by the 2x rule."""
-    reason = registry.why_not(backend, case.call(device.type, dtype))
+    input_dtype, compute_dtype = _dtypes(case.op, dtype)
+    reason = registry.why_not(backend, case.call(device.type, compute_dtype))
     if reason is not None:
         return CaseResult(case.label, "n/a", message=f"{backend} {reason}")
     try:
         with _seeded(device):
-            verdicts = tolerance.compare_with_reference(case.op, case.make_inputs, dtype, backend, device, case.kwargs,
-                                                        input_dtype=_input_dtype(case.op, dtype),
-                                                        autocast=dtype != torch.float32)
+            verdicts = tolerance.compare_with_reference(case.op, case.make_inputs, compute_dtype, backend, device,
+                                                        case.kwargs, input_dtype=input_dtype,
+                                                        autocast=compute_dtype != torch.float32)
     except Exception as exc:  # noqa: BLE001 - a backend that raises fails its check; the message says how
         return CaseResult(case.label, "FAIL", message=_first_line(exc))
     failed = [verdict for verdict in verdicts if not verdict.ok]
@@ -247,8 +250,8 @@ def _synchronize(device: torch.device) -> None:
 def time_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype, repeats: int) -> float:
     """Seconds of one forward + backward: the best of `repeats` after one untimed call (compilation,
     autotuning). The best, not the median: on a shared machine the other processes only add time."""
-    autocast = dtype != torch.float32
-    input_dtype = _input_dtype(case.op, dtype)
+    input_dtype, compute_dtype = _dtypes(case.op, dtype)
+    autocast = compute_dtype != torch.float32
     with _seeded(torch.device("cpu")):
         inputs = [t.to(device=device, dtype=input_dtype).requires_grad_() if t is not None and t.is_floating_point()
                   else (t.to(device) if t is not None else None) for t in case.make_inputs()]
@@ -258,7 +261,7 @@ def time_case(case: Case, backend: str, device: torch.device, dtype: torch.dtype
     for _ in range(repeats + 1):
         _synchronize(device)
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=autocast):
             out = function(*inputs, backend=backend, **case.kwargs)
         torch.autograd.grad(out, differentiable, torch.ones_like(out))
         _synchronize(device)

@@ -173,6 +173,21 @@ def test_device_check_table_and_json_for_every_backend(tmp_path, capsys):
     assert all(c["status"] == "ok" for c in triton_attention["cases"] if "D=96" not in c["label"])
 
 
+def test_device_check_in_bf16_runs_the_ops_under_autocast_as_the_trainer_does(broken_backend, tmp_path):
+    if not ops.available_backends()["cpp"][0]:
+        pytest.skip("the cpp backend is not built")
+    path = tmp_path / "bf16.json"
+    assert check.main(["--device", "cpu", "--dtype", "bf16", "--backends", "cpp,broken", "--no-speed", "--json",
+                       str(path)]) == 1
+    report = json.loads(path.read_text())
+    assert report["dtype"] == "bf16"
+    status = {(r["op"], r["backend"]): r["status"] for r in report["results"]}
+    assert all(status[(op, "cpp")] == "ok" for op in OP_NAMES)
+    # LayerNorm sees the fp32 residual stream, so it is held to fp32's bound: a 1% error fails even in a
+    # bf16 run (bf16's slack would let it through).
+    assert status[("layer_norm", "broken")] == "FAIL"
+
+
 def test_speed_ratios_against_torch(capsys):
     assert check.main(["--device", "cpu", "--backends", "torch,reference"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:12]]
