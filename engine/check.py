@@ -435,14 +435,15 @@ def prepare_backends(config, device: torch.device, dtype: torch.dtype, *, self_c
     cases = model_cases(config)
     cache = _load_cache()
     started = time.perf_counter()
-    checked, from_cache = [], 0
+    checked, passed, from_cache = set(), [], 0
     while pending := [(call.op, name) for call, name in chosen.items()
-                      if name != "reference" and f"{call.op}/{name}" not in checked]:
+                      if name != "reference" and (call.op, name) not in checked]:
         op, name = pending[0]
         error, cached = verify(op, name, device, dtype, cases, cache)
-        checked.append(f"{op}/{name}")
+        checked.add((op, name))
         from_cache += cached
         if error is None:
+            passed.append(name)
             continue
         registry.record_self_check_failure(op, device.type, name, error)
         if explicit:
@@ -453,8 +454,9 @@ def prepare_backends(config, device: torch.device, dtype: torch.dtype, *, self_c
         chosen = ops.check_model_support(config, device.type, dtype, training=training, decode=decode)
     _save_cache(cache)
     seconds = time.perf_counter() - started
-    return (f"{ops.describe_choices(chosen)} (self-check in {registry.DTYPE_NAMES[dtype]}: "
-            f"{len(checked)} op/backend pairs, {from_cache} cached, {seconds:.1f} s)")
+    counts = ", ".join(f"{name} x{passed.count(name)}" for name in dict.fromkeys(passed)) or "nothing"
+    return (f"{ops.describe_choices(chosen)} (self-check in {registry.DTYPE_NAMES[dtype]}: {counts} ok, "
+            f"{from_cache} of {len(checked)} cached, {seconds:.1f} s)")
 
 
 def failing_backends(op: str, backends: list[str], device: torch.device, dtype: torch.dtype,

@@ -55,7 +55,7 @@ def test_auto_routes_around_each_broken_op_with_one_warning(broken_backend):
     warnings = []
     line = check.prepare_backends(CONFIG, CPU, torch.float32, warn=warnings.append)
     assert line.startswith("attention=torch, ffn=torch, layer_norm=torch, cross_entropy=broken, "
-                           "linear_cross_entropy=broken (self-check in fp32: ")
+                           "linear_cross_entropy=broken (self-check in fp32: torch x3, broken x2 ok, 0 of 8 cached")
     assert len(warnings) == 3
     expected = {"attention": "RuntimeError: kernel exploded", "ffn": "non-finite values",
                 "layer_norm": "layer_norm output: max |error|"}
@@ -109,7 +109,7 @@ def test_no_self_check_skips_it(broken_backend, tmp_path):
 def test_a_cached_verdict_is_reused_and_a_version_change_invalidates_it(broken_backend, monkeypatch):
     ops.set_backend("auto")
     first = check.prepare_backends(CONFIG, CPU, torch.float32, warn=lambda line: None)
-    assert "0 cached" in first
+    assert " 0 of " in first
     cache = json.loads(check.cache_path().read_text())
     assert {json.loads(key)["backend"] for key in cache} == {"broken", "torch"}
     assert all({"device", "capability", "torch", "triton", "engine", "op", "dtype"} <= set(json.loads(key))
@@ -123,12 +123,12 @@ def test_a_cached_verdict_is_reused_and_a_version_change_invalidates_it(broken_b
     second = check.prepare_backends(CONFIG, CPU, torch.float32, warn=warnings.append)
     assert calls == [] and len(warnings) == 3  # the cached failures still route around
     assert second.split(" (self-check")[0] == first.split(" (self-check")[0]
-    assert f"{len(cache)} op/backend pairs, {len(cache)} cached" in second
+    assert f"{len(cache)} of {len(cache)} cached" in second
 
     registry.clear_self_check_failures()
     monkeypatch.setattr(torch, "__version__", "99.0.0")
     third = check.prepare_backends(CONFIG, CPU, torch.float32, warn=lambda line: None)
-    assert "0 cached" in third and ("attention", "broken") in calls
+    assert " 0 of " in third and ("attention", "broken") in calls
     assert check.main(["--clear-cache"]) == 0
     assert not check.cache_path().exists()
 

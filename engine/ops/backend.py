@@ -25,7 +25,8 @@ TRAINING_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 class Call(NamedTuple):
     """What one op call asks of a backend: the registry's cache key (with the backend choice).
 
-    dtype:    the dtype the op computes in (the autocast dtype under autocast, else the input's).
+    dtype:    the dtype the op computes in (the autocast dtype under autocast, else the input's);
+              None leaves it unchecked (a query about the op in general).
     dropout:  dropout_p > 0.
     head_dim: attention's D (last dim of q); None for the other ops.
     decode:   attention with fewer queries than keys (T_q != T_k: a step over a KV cache).
@@ -33,7 +34,7 @@ class Call(NamedTuple):
 
     op: str
     device_type: str
-    dtype: torch.dtype
+    dtype: torch.dtype | None
     dropout: bool = False
     head_dim: int | None = None
     decode: bool = False
