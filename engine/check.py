@@ -350,7 +350,7 @@ def report(results: list[OpResult], device: torch.device, dtype: torch.dtype) ->
 def default_backends(device: torch.device) -> list[str]:
     """Every backend available here that runs on the device's tensors."""
     return [name for name, (ok, _) in ops.available_backends().items()
-            if ok and registry.why_not(name, Call("layer_norm", device.type, None)) is None]
+            if ok and any(registry.why_not(name, Call(op, device.type, None)) is None for op in OP_NAMES)]
 
 
 def check_device(device: torch.device, dtype: torch.dtype, backends: list[str], speed: bool = True) -> list[OpResult]:
