@@ -59,6 +59,7 @@ from typing import Callable
 import torch
 
 from engine import ops
+from engine.check import failing_backends
 from engine.ops import reference
 from engine.profiling import enable_nvtx, nvtx_range
 
@@ -578,6 +579,10 @@ def run_cli(specs: list[OpBench], shapes_for: Callable[[OpBench, torch.device], 
         with_compile = args.compile if args.compile is not None else compile_by_default and device.type == "cuda"
         if hasattr(ops, spec.name):
             backends, skipped = select_backends(spec.name, device.type, args.backends, with_compile, tuple(spec.extra))
+            # A kernel that computes wrongly on this device is not timed (engine.check's self-check, cached).
+            failing = failing_backends(spec.name, backends, device, dtype)
+            skipped |= {name: f"failed its self-check ({error})" for name, error in failing.items()}
+            backends = [name for name in backends if name not in failing]
         else:
             backends, skipped = list(spec.extra), {}
         for name, reason in skipped.items():

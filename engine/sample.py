@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine import ops
+from engine.check import prepare_backends
 from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
 from engine.data import tokenizer_from_dict
 from engine.errors import UsageError, run_cli
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'")
     parser.add_argument("--backend", default="auto", help="kernel backend: auto, reference, torch, ...")
+    parser.add_argument("--no-self-check", action="store_true",
+                        help="do not check the chosen backends against reference on this device first")
     return parser
 
 
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None, out=None) -> int:
     warn_slow_dtype(dtype, device)
     ops.set_backend(args.backend)
     model, tokenizer, _ = load_model(path, device)
+    prepare_backends(model.config, device, dtype, self_check=not args.no_self_check, training=False,
+                     decode=not args.no_cache)
     tokenizer = text_tokenizer(tokenizer, path.parent, use_ids=args.prompt_ids is not None)
     prompt = prompt_ids(args, tokenizer)
     vocab_size = model.config.vocab_size

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from engine import distributed, ops
+from engine.check import prepare_backends
 from engine.checkpoint import CHECKPOINT_NAME, check_model_state, check_optimizer_state, load_checkpoint
 from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
 from engine.errors import RunFailure, UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
-from engine.trainer import DTYPES, TrainConfig, Trainer, describe_backends
+from engine.trainer import DTYPES, TrainConfig, Trainer
 
 # The preset trained when --preset is not given.
 DEFAULT_PRESET = {"cuda": "default", "cpu": "toy"}
@@ -107,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
                         help="continue the run in DIR (or from a checkpoint file) exactly where it stopped")
     parser.add_argument("--list-backends", action="store_true", help="print every backend's availability and exit")
+    parser.add_argument("--no-self-check", action="store_true",
+                        help="do not check the chosen backends against reference on this device before training "
+                             "(see python -m engine.check)")
     add_dataclass_flags(parser, GPTConfig, "model (GPTConfig)")
     add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
     return parser
@@ -374,7 +378,8 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
                 shapes = GPT(model_config)
             check_model_state(checkpoint["model"], shapes, f"checkpoint {args.resume}")
             check_optimizer_state(checkpoint["optimizer"], shapes, f"checkpoint {args.resume}")
-        backends = describe_backends(device.type, model_config.dropout > 0)
+        backends = prepare_backends(model_config, device, dtype, self_check=not args.no_self_check,
+                                    decode=train_config.sample_tokens > 0)
         if claim and context.is_main:
             out_dir = claimed = claim_out_dir(out_dir)
         if context.is_main or not claim:  # the other ranks learn rank 0's claimed folder below

@@ -95,6 +95,14 @@ def test_non_causal_attention_matches_reference(B, H, T, D, dtype):
 def test_different_query_and_key_lengths(T_q, T_k, D, dtype):
     # A decode step over a KV cache: one new query against every cached key, no mask.
     check_against_reference(2, 2, T_q, D, dtype, causal=False, T_k=T_k)
+    assert_decode_runs_triton(2, 2, T_q, T_k, D, dtype)
+
+
+def assert_decode_runs_triton(B, H, T_q, T_k, D, dtype):
+    """ops.attention(backend="triton") with T_q != T_k gives the Triton kernel's bits (it once ran SDPA)."""
+    q, k, v, _ = (t.to(dtype) for t in make_inputs(B, H, T_q, D, T_k))
+    kernel_out, _ = attention_forward_op(q, k, v, False, 1 / math.sqrt(D))
+    assert torch.equal(ops.attention(q, k, v, causal=False, backend="triton"), kernel_out)
 
 
 def test_explicit_scale():
@@ -300,6 +308,7 @@ def test_gpu_other_dtypes_and_masks_match_reference_and_repeat_bitwise(B, H, T, 
 @pytest.mark.parametrize("T_q,T_k", [(1, 4097), (3, 1000)])
 def test_gpu_decode_lengths(T_q, T_k):
     check_against_reference(2, 4, T_q, 128, torch.bfloat16, causal=False, T_k=T_k)
+    assert_decode_runs_triton(2, 4, T_q, T_k, 128, torch.bfloat16)
 
 
 @pytest.mark.gpu

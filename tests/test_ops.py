@@ -180,3 +180,139 @@ def test_explicit_backend_without_the_op_is_an_error_but_auto_falls_back(monkeyp
         registry.resolve_name("layer_norm", "cpu", "torch")
     assert registry.resolve_name("layer_norm", "cpu", "auto") == "reference"
     assert registry.resolve_name("attention", "cpu", "auto") == "torch"
+
+
+# ------------------------------------------------------------------ per-call capabilities
+
+def _fast(name: str, **capabilities):
+    """A stand-in backend on the CPU whose ops are the reference's, with the given capabilities."""
+    from engine.ops.backend import Backend
+
+    return Backend(name, frozenset({"cpu"}), dict(reference.BACKEND.ops), **capabilities)
+
+
+@pytest.fixture
+def limited_cpu_backend(monkeypatch):
+    """`auto` on the CPU prefers "cpp", here a backend with triton's limits: D in {16, 32, 64, 128},
+    the three training dtypes, no decoding, no attention dropout."""
+    from engine.ops import registry
+    from engine.ops.backend import TRAINING_DTYPES
+
+    record = _fast("cpp", head_dims=frozenset({16, 32, 64, 128}), dtypes=TRAINING_DTYPES, decode=False,
+                   dropout_ops=frozenset({"ffn"}))
+    monkeypatch.setitem(registry._loaded, "cpp", record)
+    monkeypatch.setattr(registry, "AUTO_PREFERENCE", {"cpu": ("cpp", "torch")})
+    registry._resolved.clear()
+    yield record
+    registry._resolved.clear()
+
+
+@pytest.mark.parametrize("call,expected", [
+    ({"head_dim": 64, "dtype": torch.float32}, "cpp"),
+    ({"head_dim": 96, "dtype": torch.float32}, "torch"),  # d_model 768 with 8 heads
+    ({"head_dim": 64, "dtype": torch.float64}, "torch"),
+    ({"head_dim": 64, "dtype": torch.float16, "decode": True}, "torch"),
+    ({"head_dim": 64, "dtype": torch.float32, "dropout": True}, "torch"),
+])
+def test_auto_routes_around_a_missing_capability(limited_cpu_backend, call, expected):
+    from engine.ops import registry
+
+    assert registry.resolve_name("attention", "cpu", "auto", **call) == expected
+
+
+def test_auto_routes_real_calls_by_head_dim_and_decode(limited_cpu_backend, caplog):
+    q64, q96 = torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 96)
+    k64 = torch.randn(1, 2, 9, 64)
+    with caplog.at_level("INFO", logger="engine.ops"):
+        for q, k in ((q64, q64), (q96, q96), (q64[:, :, :1], k64)):
+            out = ops.attention(q, k, k, causal=q.shape[2] == k.shape[2], backend="auto")
+            assert out.shape == q.shape
+    messages = [r.getMessage() for r in caplog.records]
+    assert "backend auto: attention on cpu (D=64) runs on 'cpp'" in messages
+    assert ("backend auto: attention on cpu (D=96) runs on 'torch' (passed over: cpp does not support 'attention' "
+            "with head dimension D=96 (supported: (16, 32, 64, 128)))") in messages
+    assert any(m.startswith("backend auto: attention on cpu (D=64, decode) runs on 'torch'") for m in messages)
+
+
+def test_explicit_choice_without_the_capability_says_why_and_what_would_run(limited_cpu_backend):
+    q = torch.randn(1, 2, 5, 96)
+    with pytest.raises(ops.BackendError) as error:
+        ops.attention(q, q, q, backend="cpp")
+    assert str(error.value) == ("backend 'cpp' does not support 'attention' with head dimension D=96 (supported: "
+                                "(16, 32, 64, 128)); backends that run this call here: reference, torch "
+                                "(or --backend auto)")
+    q = torch.randn(1, 2, 1, 32)
+    k = torch.randn(1, 2, 7, 32)
+    with pytest.raises(ops.BackendError, match=r"'cpp' does not support 'attention' with fewer queries than keys"):
+        ops.attention(q, k, k, causal=False, backend="cpp")
+    with pytest.raises(ops.BackendError, match=r"'cpp' does not compute 'layer_norm' in fp64 \(supported: fp32, "
+                                               r"fp16, bf16\)"):
+        ops.layer_norm(torch.randn(3, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), None,
+                       backend="cpp")
+
+
+def test_autocast_dtype_is_the_calls_dtype(monkeypatch):
+    from engine.ops import registry
+    from engine.ops.backend import TRAINING_DTYPES
+
+    fp32_only = _fast("cpp", dtypes=frozenset({torch.float32}))
+    assert TRAINING_DTYPES > fp32_only.dtypes
+    monkeypatch.setitem(registry._loaded, "cpp", fp32_only)
+    monkeypatch.setattr(registry, "AUTO_PREFERENCE", {"cpu": ("cpp", "torch")})
+    registry._resolved.clear()
+    x = torch.randn(4, 16)
+    weight, targets = torch.randn(10, 16), torch.randint(0, 10, (4,))
+    ops.linear_cross_entropy(x, weight, targets, backend="cpp")  # fp32: runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ops.BackendError, match="does not compute 'linear_cross_entropy' in bf16"):
+            ops.linear_cross_entropy(x, weight, targets, backend="cpp")
+        assert registry.resolve_name("linear_cross_entropy", "cpu", "auto", dtype=torch.bfloat16) == "torch"
+    registry._resolved.clear()
+
+
+def test_resolution_is_cached_per_kind_of_call(limited_cpu_backend, monkeypatch):
+    from engine.ops import registry
+
+    q = torch.randn(1, 2, 5, 96)
+    ops.attention(q, q, q, backend="auto")
+    monkeypatch.setattr(registry, "_resolve_call", lambda *args: pytest.fail("resolved again"))
+    ops.attention(q, q, q, backend="auto")  # same kind of call: one dict lookup
+    with pytest.raises(pytest.fail.Exception):
+        ops.attention(q[..., :64], q[..., :64], q[..., :64], backend="auto")  # a new kind: resolved
+
+
+def test_the_real_records_route_a_cuda_model_with_head_dim_96_around_triton():
+    # Needs no GPU: resolution reads only the records (triton's is available under TRITON_INTERPRET=1).
+    pytest.importorskip("triton")
+    from engine.model import GPTConfig
+    from engine.ops import registry
+
+    if not ops.available_backends()["triton"][0]:
+        pytest.skip("triton is unavailable here (no GPU and no TRITON_INTERPRET=1)")
+    d96 = GPTConfig(vocab_size=50, d_model=768, n_heads=8, d_ff=64, n_layers=1, max_seq_len=16)
+    d64 = GPTConfig(vocab_size=50, d_model=768, n_heads=12, d_ff=64, n_layers=1, max_seq_len=16)
+    try:
+        chosen = ops.check_model_support(d96, "cuda", torch.bfloat16, backend="auto")
+        next_best = "cuda" if ops.available_backends()["cuda"][0] else "torch"  # cuda takes multiples of 8
+        assert {call.op: name for call, name in chosen.items() if call.op == "attention"} == {"attention": next_best}
+        assert ops.check_model_support(d64, "cuda", torch.bfloat16, decode=True, backend="auto") != {}
+        assert ops.resolve_name("attention", "cuda", "auto", dtype=torch.bfloat16, head_dim=64,
+                                decode=True) == "triton"
+        with pytest.raises(ops.BackendError, match=r"backend 'triton' does not support 'attention' with head "
+                                                   r"dimension D=96 .*backends that run this call here: "
+                                                   r"reference, torch"):
+            ops.check_model_support(d96, "cuda", torch.bfloat16, backend="triton")
+    finally:
+        registry._resolved.clear()
+
+
+def test_check_model_support_refuses_before_any_step_and_names_each_ops_backend(limited_cpu_backend):
+    from engine.model import GPTConfig
+
+    config = GPTConfig(vocab_size=50, d_model=96, n_heads=3, d_ff=64, n_layers=1, max_seq_len=16, dropout=0.1)
+    chosen = ops.check_model_support(config, "cpu", torch.float32, decode=True, backend="auto")
+    assert ops.describe_choices(chosen) == ("attention=cpp (with dropout: torch; decode: torch), ffn=cpp, "
+                                            "layer_norm=cpp, cross_entropy=cpp, linear_cross_entropy=cpp")
+    with pytest.raises(ops.BackendError, match="backend 'cpp' does not implement dropout in 'attention'"):
+        ops.check_model_support(config, "cpu", torch.float32, backend="cpp")
+    ops.check_model_support(config, "cpu", torch.float32, training=False, backend="cpp")  # evaluation: no dropout

@@ -12,6 +12,8 @@ from engine.ops.registry import (
     BACKEND_CHOICES,
     BackendError,
     available_backends,
+    check_model_support,
+    describe_choices,
     get_backend,
     resolve,
     resolve_name,
@@ -23,7 +25,9 @@ __all__ = [
     "BackendError",
     "attention",
     "available_backends",
+    "check_model_support",
     "cross_entropy",
+    "describe_choices",
     "ffn",
     "get_backend",
     "layer_norm",
@@ -32,6 +36,14 @@ __all__ = [
     "resolve_name",
     "set_backend",
 ]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype an op's matmuls run in: the autocast dtype under autocast (fp64 stays fp64), else t's."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type) and t.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -44,14 +56,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dropout_p: dropout on the attention weights (pass 0.0 in evaluation).
 
     KV-cache decoding passes fewer queries than keys (q (B, H, T_q, D), k and v (B, H, T_k, D),
-    causal=False). The fused kernels cover the training case T_q = T_k only, so such calls run on
-    the `torch` backend (PyTorch's SDPA), whatever backend is chosen.
+    causal=False). Decoding, like the head dimension D and dropout, is a capability the registry
+    checks: `auto` picks a backend that has it, an explicit backend without it is an error.
     """
-    if q.shape[-2] != k.shape[-2]:
-        if causal:
-            raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
-        backend = "torch"
-    implementation = resolve("attention", q.device.type, backend, dropout=dropout_p > 0)
+    decode = q.shape[-2] != k.shape[-2]
+    if decode and causal:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[-2]} and {k.shape[-2]}")
+    implementation = resolve("attention", q.device.type, backend, dropout_p > 0, dtype=_compute_dtype(q),
+                             head_dim=q.shape[-1], decode=decode)
     return implementation(q, k, v, causal=causal, scale=scale, dropout_p=dropout_p)
 
 
@@ -64,7 +76,7 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
     w2: (d_model, d_ff); b2: (d_model,) or None (nn.Linear layout). Returns (..., d_model).
     activation: "gelu" (exact, erf) or "gelu_tanh" (GPT-2's tanh approximation).
     """
-    return resolve("ffn", x.device.type, backend, dropout=dropout_p > 0)(
+    return resolve("ffn", x.device.type, backend, dropout_p > 0, dtype=_compute_dtype(x))(
         x, w1, b1, w2, b2, residual, activation=activation, dropout_p=dropout_p
     )
 
@@ -72,13 +84,14 @@ def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5, *,
                backend: str | None = None) -> torch.Tensor:
     """LayerNorm over the last dimension; x (..., C), weight (C,), bias (C,) or None."""
-    return resolve("layer_norm", x.device.type, backend)(x, weight, bias, eps)
+    return resolve("layer_norm", x.device.type, backend, dtype=x.dtype)(x, weight, bias, eps)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -1,
                   backend: str | None = None) -> torch.Tensor:
     """Mean cross-entropy over rows whose target is not ignore_index; logits (N, V), targets (N,)."""
-    return resolve("cross_entropy", logits.device.type, backend)(logits, targets, ignore_index=ignore_index)
+    implementation = resolve("cross_entropy", logits.device.type, backend, dtype=logits.dtype)
+    return implementation(logits, targets, ignore_index=ignore_index)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -88,4 +101,5 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x: (N, d_model); weight: (V, d_model); targets: (N,). Backends may avoid materializing
     the (N, V) logits; the result equals the unfused computation.
     """
-    return resolve("linear_cross_entropy", x.device.type, backend)(x, weight, targets, ignore_index=ignore_index)
+    implementation = resolve("linear_cross_entropy", x.device.type, backend, dtype=_compute_dtype(x))
+    return implementation(x, weight, targets, ignore_index=ignore_index)

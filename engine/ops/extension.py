@@ -45,7 +45,7 @@ from types import ModuleType
 
 import torch
 
-from engine.ops.backend import Backend
+from engine.ops.backend import TRAINING_DTYPES, Backend
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -260,10 +260,14 @@ OPS = {
     "linear_cross_entropy": linear_cross_entropy,
 }
 
+# Capabilities (csrc/): both attentions need k and v of q's shape (no decoding with T_q != T_k);
+# the CPU one takes any head dimension, the CUDA one multiples of 8 up to kAttentionMaxHeadDim = 128
+# (csrc/cuda/glue.cpp, launchers.h).
 CPP_BACKEND = Backend(name="cpp", devices=frozenset({"cpu"}), ops=OPS, availability=cpp_availability,
-                      dropout_ops=frozenset())
+                      dropout_ops=frozenset(), dtypes=TRAINING_DTYPES, head_dims=None, decode=False)
 CUDA_BACKEND = Backend(name="cuda", devices=frozenset({"cuda"}), ops=OPS, availability=cuda_availability,
-                       dropout_ops=frozenset())
+                       dropout_ops=frozenset(), dtypes=TRAINING_DTYPES, head_dims=frozenset(range(8, 129, 8)),
+                       decode=False)
 
 
 # ------------------------------------------------------------------------- JIT build, CLI

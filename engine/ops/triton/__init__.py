@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from engine.ops.backend import Backend
+from engine.kernels.attention import SUPPORTED_HEAD_DIMS
+from engine.ops.backend import TRAINING_DTYPES, Backend
 
 
 def interpreting() -> bool:
@@ -44,4 +45,7 @@ BACKEND = Backend(
     },
     availability=availability,
     dropout_ops=frozenset({"ffn"}),  # attention dropout is not implemented in the Triton kernel
+    dtypes=TRAINING_DTYPES,
+    head_dims=frozenset(SUPPORTED_HEAD_DIMS),
+    decode=True,  # kernels/attention.py takes T_q != T_k without the causal mask
 )
