@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from engine.ops import tolerance
-from engine.ops.tolerance import describe_mismatch
+from engine.ops.tolerance import ATOL, describe_mismatch
 
-__all__ = ["assert_within_reference_error", "compare_with_reference", "describe_mismatch"]
+__all__ = ["ATOL", "assert_within_reference_error", "compare_with_reference", "describe_mismatch"]
 
 
 def assert_within_reference_error(actual: torch.Tensor, reference_low: torch.Tensor, exact: torch.Tensor,
