@@ -2,6 +2,7 @@
 BPE run through training, engine.sample, engine.viz and engine.hf export."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -148,20 +149,10 @@ def test_bpe_run_samples_and_draws(bpe_run, tmp_path, capsys):
     from engine.sample import main as sample_main
     from engine.viz import main as viz_main
 
-    class Output:
-        def __init__(self):
-            self.parts = []
-
-        def write(self, text):
-            self.parts.append(text)
-
-        def flush(self):
-            pass
-
-    out = Output()
+    out = io.StringIO()
     assert sample_main(["--run", str(bpe_run), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "1",
                         "--device", "cpu"], out=out) == 0
-    text = "".join(out.parts)
+    text = out.getvalue()
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:\n")
     assert viz_main(["--run", str(bpe_run), "--out", str(tmp_path / "plots")]) == 0
     printed = capsys.readouterr().out
