@@ -119,7 +119,7 @@ class IdTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size}
 
 
-BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # id 0; never in the corpus, there for Hugging Face's eos/bos
+BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # id 0, Hugging Face's eos/bos (text spelling it out gets this id)
 BPE_MIN_VOCAB = 256 + len(BPE_SPECIAL_TOKENS)  # every byte is a token before the first merge
 BPE_RECIPE = "bytelevel-v1"  # part of the cache key: change it when the training recipe below changes
 

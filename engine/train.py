@@ -121,18 +121,19 @@ def _config_file_value(path: Path, key: str, value, action: argparse.Action):
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if isinstance(value, bool) or isinstance(value, (list, dict)):
-        raise bad("a single number or string" if action.type in (int, float) else "a string")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # TOML's true is not a 1
     if action.type is int:
-        if not isinstance(value, int):
+        if not number or not isinstance(value, int):
             raise bad("an integer")
         return value
     if action.type is float:
-        if not isinstance(value, (int, float)):
+        if not number:
             raise bad("a number")
         return float(value)
     if action.type is parse_duration:
         try:
+            if not (number or isinstance(value, str)):
+                raise argparse.ArgumentTypeError(value)
             return parse_duration(str(value))
         except argparse.ArgumentTypeError:
             raise bad("a duration in seconds or a number with s, m or h (e.g. \"15m\")") from None
@@ -154,7 +155,7 @@ def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
         raise UsageError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    # argparse has no public list of its actions; _actions is the documented-by-use way to walk them.
+    # argparse has no public way to list a parser's actions; _actions has been stable for many Python versions.
     actions = {action.dest: action for action in parser._actions if action.dest not in NOT_IN_CONFIG_FILES}
     resolved = {}
     for key, value in values.items():
