@@ -5,7 +5,7 @@
 Figures (in DIR/plots unless --out says otherwise):
 - loss.png: training loss (every logged step) and the evaluations' train and validation loss,
   against optimizer steps and against tokens seen (from metrics.jsonl), and the validation loss in
-  bits per character where the run recorded it (printed too, with the last evaluation's loss).
+  bits per character where the run recorded it (the last evaluation's losses go to stderr).
 - attention_layer<L>.png: the attention weights of one layer for the prompt, one heatmap per head
   (row = query token, column = key token it attends to).
 - attention_distance.png: every layer x head as one cell, coloured by its mean attention distance
@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if train_rows or eval_rows:
         written.append(plot_loss(train_rows, eval_rows, out / "loss.png"))
         summary = loss_summary(eval_rows)
-        if summary:
-            print(summary)
+        if summary:  # on stderr, like the notes: stdout lists only the files written
+            print(summary, file=sys.stderr)
     else:
         print(f"no training metrics in {metrics}: skipping loss.png", file=sys.stderr)
 

@@ -155,9 +155,11 @@ def test_bpe_run_samples_and_draws(bpe_run, tmp_path, capsys):
     text = out.getvalue()
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:\n")
     assert viz_main(["--run", str(bpe_run), "--out", str(tmp_path / "plots")]) == 0
-    printed = capsys.readouterr().out
-    assert "bits/char" in printed
-    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"loss.png", "attention_layer1.png"}
+    printed = capsys.readouterr()
+    assert "bits/char" in printed.err and printed.out.split() == [str(tmp_path / "plots" / name) for name in
+                                                                   ("loss.png", "attention_layer1.png",
+                                                                    "attention_distance.png",
+                                                                    "positional_encoding.png")]
 
 
 def test_bpe_run_exports_a_tokenizer_transformers_loads(bpe_run, tmp_path):
