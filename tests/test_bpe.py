@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint import load_checkpoint
 from engine.data import BPE_MIN_VOCAB, BpeTokenizer, bpe_tokenizer, load_token_data, load_tokenizer
 from engine.errors import UsageError
 from engine.model import GPT, preset
@@ -174,3 +176,12 @@ def test_bpe_run_exports_a_tokenizer_transformers_loads(bpe_run, tmp_path):
     assert auto.eos_token == "<|endoftext|>"
     imported = import_folder(folder, tmp_path / "imported")
     assert load_tokenizer(imported / "tokenizer.json").json_text == ours.json_text
+
+
+def test_bpe_run_resumes_with_its_own_tokenizer(bpe_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(bpe_run, run)
+    assert train_main(["--resume", str(run), "--max-steps", "6", "--eval-interval", "6"]) == 0
+    state = load_checkpoint(run)
+    assert state["step"] == 6 and state["tokenizer"]["tokenizer_json"] == (bpe_run / "tokenizer.json").read_text()
+    assert (run / "tokenizer.json").read_text() == (bpe_run / "tokenizer.json").read_text()
