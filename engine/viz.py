@@ -298,9 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, eval_rows = read_metrics(metrics) if metrics.is_file() else ([], [])
     if train_rows or eval_rows:
         written.append(plot_loss(train_rows, eval_rows, out / "loss.png"))
-        summary = loss_summary(eval_rows)
-        if summary:  # on stderr, like the notes: stdout lists only the files written
-            print(summary, file=sys.stderr)
     else:
         print(f"no training metrics in {metrics}: skipping loss.png", file=sys.stderr)
 
@@ -313,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     written.append(plot_positions(table, name, out / "positional_encoding.png"))
     for figure_path in written:
         print(figure_path)
+    summary = loss_summary(eval_rows)
+    if summary:  # on stderr, like the notes (stdout lists only the files written), once all of them are
+        print(summary, file=sys.stderr)
     return 0
 
 
