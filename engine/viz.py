@@ -4,7 +4,8 @@
 
 Figures (in DIR/plots unless --out says otherwise):
 - loss.png: training loss (every logged step) and the evaluations' train and validation loss,
-  against optimizer steps and against tokens seen (from metrics.jsonl).
+  against optimizer steps and against tokens seen (from metrics.jsonl), and the validation loss in
+  bits per character where the run recorded it (the last evaluation's losses go to stderr).
 - attention_layer<L>.png: the attention weights of one layer for the prompt, one heatmap per head
   (row = query token, column = key token it attends to).
 - attention_distance.png: every layer x head as one cell, coloured by its mean attention distance
@@ -76,9 +77,12 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_loss(train_rows: list[dict], eval_rows: list[dict], path: Path) -> Path:
-    """Loss against step (left) and against tokens seen (right)."""
-    figure = new_figure(12, 4.5)
-    by_step, by_tokens = figure.subplots(1, 2)
+    """Loss against step (left) and against tokens seen (middle); where the run recorded it, the
+    validation loss in bits per character (right), the unit that compares char, byte and BPE runs."""
+    bpc_rows = [r for r in eval_rows if r.get("val_bits_per_char") is not None]
+    figure = new_figure(18 if bpc_rows else 12, 4.5)
+    panels = figure.subplots(1, 3 if bpc_rows else 2)
+    by_step, by_tokens = panels[0], panels[1]
     for axes, key, label, scale in ((by_step, "step", "optimizer step", 1.0),
                                     (by_tokens, "tokens", "tokens seen (millions)", 1e-6)):
         if train_rows:
@@ -94,7 +98,25 @@ def plot_loss(train_rows: list[dict], eval_rows: list[dict], path: Path) -> Path
         axes.legend()
     by_step.set_title("Loss against optimizer step")
     by_tokens.set_title("Loss against tokens seen")
+    if bpc_rows:
+        panels[2].plot([r["step"] for r in bpc_rows], [r["val_bits_per_char"] for r in bpc_rows], "s-",
+                       color="tab:purple", label="validation")
+        panels[2].set_xlabel("optimizer step")
+        panels[2].set_ylabel("bits per character")
+        panels[2].set_title("Validation loss per character (comparable across tokenizers)")
+        panels[2].grid(alpha=0.3)
+        panels[2].legend()
     return save(figure, path)
+
+
+def loss_summary(eval_rows: list[dict]) -> str | None:
+    """The last evaluation as one line: nats per token and, where recorded, bits per character."""
+    if not eval_rows:
+        return None
+    last = eval_rows[-1]
+    bpc = last.get("val_bits_per_char")
+    return (f"step {last['step']}: val loss {last['val_loss']:.4f} nats/token"
+            + ("" if bpc is None else f", {bpc:.3f} bits/char"))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -237,7 +259,7 @@ def viz_prompt(prompt: str | None, tokenizer, model: GPT) -> list[int]:
         if not ids:
             raise UsageError("the prompt is empty")
         return ids[-window:]
-    if tokenizer.kind in ("char", "byte"):
+    if tokenizer.kind in ("char", "byte", "bpe"):
         try:
             return tokenizer.encode(DEFAULT_PROMPT)[-window:]
         except UsageError:
@@ -292,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     written.append(plot_positions(table, name, out / "positional_encoding.png"))
     for figure_path in written:
         print(figure_path)
+    summary = loss_summary(eval_rows)
+    if summary:  # on stderr, like the notes (stdout lists only the files written), once all of them are
+        print(summary, file=sys.stderr)
     return 0
 
 

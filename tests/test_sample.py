@@ -215,7 +215,7 @@ def test_checkpoint_flag_and_top_p_and_greedy(run_dir):
     (lambda run, tmp: ["--run", str(run), "--prompt-ids", "1 x"], "--prompt-ids takes whitespace-separated integers"),
     (lambda run, tmp: ["--run", str(run), "--prompt-ids", "5000"], r"prompt token ids must be in \[0, "),
     (lambda run, tmp: ["--run", str(run), "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
-    (lambda run, tmp: ["--run", str(run), "--tokens", "0"], "--tokens must be a positive integer"),
+    (lambda run, tmp: ["--run", str(run), "--tokens", "0"], "--max-new-tokens must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(run_dir, tmp_path, capsys, make_args, message):
     assert entry_point(make_args(run_dir, tmp_path) + ["--device", "cpu"]) == 2
