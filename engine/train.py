@@ -34,6 +34,7 @@ DEFAULT_PRESET = {"cuda": "default", "cpu": "toy"}
 # Shakespeare recipe; gpt2: GPT-2 small's learning rate, 16 x 1024 tokens per micro-batch.
 PRESET_TRAINING = {
     "toy": {"lr": 3e-3, "batch_size": 32, "max_steps": 2000},
+    "nanogpt-cpu": {"lr": 1e-3, "batch_size": 12, "max_steps": 2000},
     "default": {"lr": 1e-3, "batch_size": 64, "max_steps": 5000},
     "gpt2": {"lr": 6e-4, "batch_size": 16, "max_steps": 5000, "warmup_steps": 200},
 }
