@@ -249,6 +249,7 @@ def plain_run(spec: dict) -> dict:
             x, y = data.batch("train", config.batch_size, model_config.max_seq_len, generator)
             loss = plain_gpt.train_step(model, optimizer, x, y, step, config, dtype)
         loss = loss.item()
+        plain_gpt.evaluate(model, data, "train", config, dtype)  # the engine evaluates both splits too
         val_loss = plain_gpt.evaluate(model, data, "val", config, dtype)
         train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     tokens = config.max_steps * tokens_per_step
@@ -308,14 +309,18 @@ def compare_with_plain(args, presets: list[str]) -> int:
         losses = {"engine": [], "plain": []}
         for pair in range(pairs):
             order = ("engine", "plain") if pair % 2 == 0 else ("plain", "engine")
-            result = {kind: run_plain_pair_side({**spec, "kind": kind, "dtype": dtypes[kind]}) for kind in order}
+            # Both sides of a pair share a seed; each pair has its own, so the losses' range shows the spread
+            # over initializations and data order.
+            result = {kind: run_plain_pair_side({**spec, "kind": kind, "dtype": dtypes[kind], "seed": args.seed + pair})
+                      for kind in order}
             engine, plain = result["engine"], result["plain"]
             for name, key, higher_is_faster in PLAIN_RATIOS:
                 ratio = engine[key] / plain[key]
                 ratios[name].append(ratio if higher_is_faster else 1 / ratio)
             for kind, values in losses.items():
                 values.append(result[kind]["val_loss"])
-            writer({"op": "train_vs_plain", "preset": preset_name, "pair": pair, "order": list(order),
+            writer({"op": "train_vs_plain", "preset": preset_name, "pair": pair, "seed": args.seed + pair,
+                    "order": list(order),
                     "batch_size": batch_size, "steps": steps, "threads": threads, "engine": engine, "plain": plain,
                     "ratios": {name: values[-1] for name, values in ratios.items()}, **env})
             print(f"| {pair} | " + " | ".join(f"{values[-1]:.3f}" for values in ratios.values()) +
@@ -341,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "against a plain PyTorch GPT on Shakespeare (bench/plain_gpt.py; CPU)")
     parser.add_argument("--pairs", type=int, default=None,
                         help=f"--baseline plain: alternated engine/plain pairs per preset (default {PLAIN_PAIRS})")
-    parser.add_argument("--seed", type=int, default=1337, help="--baseline plain: seed of both sides")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="--baseline plain: seed of both sides of the first pair (pair i: seed + i)")
     parser.add_argument("--eval-iters", type=int, default=20,
                         help="--baseline plain: validation batches at the end of each run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one side of a --baseline plain pair (JSON spec)
