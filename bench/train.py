@@ -27,9 +27,11 @@ built-in Shakespeare corpus, same config, recipe and batches: each run is its ow
 pairs, engine and plain alternating, the order flipping every pair, so that a load change on a shared
 machine hits both sides alike). The engine side is `engine.trainer.Trainer.run()` (the loop of
 `python -m engine.train`, metrics and checkpoint included) evaluating once, at the end; the plain side
-is a minimal loop and the same evaluation. Per pair: tokens/s of the training loop, the whole
-process's wall time (Python start, imports, data, model, steps, evaluation) and the validation loss
-after --steps steps; the ratios engine / plain per pair, and their median and range.
+is a minimal loop and the same evaluation. Per pair: tokens per second and per CPU-second of the
+training loop, the whole process's wall time and CPU time (Python start, imports, data, model, steps,
+evaluation) and the validation loss after --steps steps; the ratios per pair (> 1: the engine is
+faster), and their median and range. On a loaded machine CPU time is the steadier measure, and
+`--threads 1` avoids the OpenMP thread waiting for a core that a second thread there costs.
 """
 from __future__ import annotations
 
