@@ -21,12 +21,26 @@ MFU, the convention of PaLM (Chowdhery et al. 2022, appendix B), as nanoGPT's es
     measured here in the same dtype (the attainable peak); it is given on CPUs too.
 Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights, gradients, AdamW
 state, activations); not measured on a CPU.
+
+`--baseline plain` compares instead the engine with a plain PyTorch GPT (bench/plain_gpt.py) on the
+built-in Shakespeare corpus, same config, recipe and batches: each run is its own process (`--pairs`
+pairs, engine and plain alternating, the order flipping every pair, so that a load change on a shared
+machine hits both sides alike). The engine side is `engine.trainer.Trainer.run()` (the loop of
+`python -m engine.train`, metrics and checkpoint included) evaluating once, at the end; the plain side
+is a minimal loop and the same evaluation. Per pair: tokens per second and per CPU-second of the
+training loop, the whole process's wall time and CPU time (Python start, imports, data, model, steps,
+evaluation) and the validation loss after --steps steps; the ratios per pair (> 1: the engine is
+faster), and their median and range. On a loaded machine CPU time is the steadier measure, and
+`--threads 1` avoids the OpenMP thread waiting for a core that a second thread there costs.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +51,7 @@ import torch
 
 from bench import harness, report
 from engine import ops
-from engine.data import TokenData
+from engine.data import TokenData, load_token_data
 from engine.model import PRESETS, GPT, preset
 from engine.ops.backend import OP_NAMES
 from engine.trainer import TrainConfig, Trainer, describe_backends
@@ -59,6 +73,12 @@ CPU_BATCH = {"toy": 8, "default": 1, "gpt2": 1}
 GPU_STEPS, GPU_WARMUP = 10, 3
 CPU_STEPS, CPU_WARMUP = 2, 1
 AUTO, COMPILE = "auto", harness.COMPILE
+PLAIN = "plain"  # --baseline plain: the engine against bench/plain_gpt.py
+# --baseline plain: the presets compared and the batch size of each on a CPU (nanogpt-cpu and toy train
+# with these; default's own 64 x 256 would take minutes a step on a small CPU), and the steps of a run.
+PLAIN_PRESETS = ("nanogpt-cpu", "toy", "default")
+PLAIN_CPU_BATCH = {"toy": 32, "nanogpt-cpu": 12, "default": 2, "gpt2": 1}
+PLAIN_STEPS, PLAIN_PAIRS = 200, 2
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -189,6 +209,132 @@ def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torc
     return row
 
 
+def plain_run(spec: dict) -> dict:
+    """One side of a --baseline plain pair, in this process: train spec["steps"] steps on Shakespeare.
+
+    spec: kind ("engine" or "plain"), preset, batch_size, steps, dtype (a DTYPES name or auto), seed,
+    eval_iters, compile (the engine's --compile), backend, threads. Returns train_s and train_cpu_s (wall and
+    CPU time of the loop and the final evaluation), tokens per second of each, the last training loss,
+    val_loss and the dtype trained in.
+    """
+    from bench import plain_gpt
+    from engine.train import PRESET_TRAINING, resolve_dtype
+
+    device = torch.device("cpu")
+    data = load_token_data(None, "char")
+    model_config = preset(spec["preset"], vocab_size=data.tokenizer.vocab_size)
+    config = TrainConfig(**PRESET_TRAINING.get(spec["preset"], {}) | {
+        "batch_size": spec["batch_size"], "max_steps": spec["steps"], "eval_interval": spec["steps"],
+        "eval_iters": spec["eval_iters"], "seed": spec["seed"], "dtype": spec["dtype"], "device": "cpu",
+        "backend": spec["backend"], "compile": spec["compile"], "sample_tokens": 0})
+    dtype = resolve_dtype(config.dtype, device)
+    tokens_per_step = config.batch_size * model_config.max_seq_len
+    if spec["kind"] == "engine":
+        ops.set_backend(config.backend)
+        describe_backends(device.type)
+        with tempfile.TemporaryDirectory(prefix="bench-plain-") as run_dir:
+            trainer = Trainer(model_config, config, data, Path(run_dir), device, dtype, log=lambda *a, **k: None)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            if trainer.run() != 0:
+                raise RuntimeError("the engine's run did not finish")
+            train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+            rows = report.load_rows(Path(run_dir) / "metrics.jsonl")
+        loss = next(row["loss"] for row in reversed(rows) if "loss" in row)
+        val_loss = next(row["val_loss"] for row in reversed(rows) if "val_loss" in row)
+    else:
+        torch.manual_seed(config.seed)
+        model = plain_gpt.PlainGPT(model_config)
+        optimizer = plain_gpt.make_optimizer(model, config)
+        generator = torch.Generator().manual_seed(config.seed)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for step in range(config.max_steps):
+            x, y = data.batch("train", config.batch_size, model_config.max_seq_len, generator)
+            loss = plain_gpt.train_step(model, optimizer, x, y, step, config, dtype)
+        loss = loss.item()
+        plain_gpt.evaluate(model, data, "train", config, dtype)  # the engine evaluates both splits too
+        val_loss = plain_gpt.evaluate(model, data, "val", config, dtype)
+        train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    tokens = config.max_steps * tokens_per_step
+    return {"train_s": train_s, "train_cpu_s": train_cpu_s, "tokens_per_s": tokens / train_s,
+            "tokens_per_cpu_s": tokens / train_cpu_s, "loss": loss, "val_loss": val_loss,
+            "dtype": harness.DTYPE_NAMES[dtype]}
+
+
+def run_plain_pair_side(spec: dict) -> dict:
+    """plain_run in a fresh Python process; adds process_s and process_cpu_s, the process's whole wall time and
+    CPU time (user + system, its own subprocesses included: on a loaded machine the steadier of the two)."""
+    started, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    finished = subprocess.run([sys.executable, "-m", "bench.train", "--worker", json.dumps(spec)],
+                              cwd=harness.REPO_ROOT, capture_output=True, text=True, check=False)
+    process_s, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    process_cpu_s = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    if finished.returncode != 0:
+        raise RuntimeError(f"the {spec['kind']} run failed:\n{finished.stderr[-2000:]}")
+    return {**json.loads(finished.stdout.strip().splitlines()[-1]), "process_s": process_s,
+            "process_cpu_s": process_cpu_s}
+
+
+def spread(values: list[float]) -> str:
+    """'median (min-max, n=N)' of values."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f}, n={len(values)})"
+
+
+# --baseline plain: each ratio is engine over plain, so > 1 means the engine is faster: (name, key, higher is faster).
+PLAIN_RATIOS = (("tok/s", "tokens_per_s", True), ("tok/CPU-s", "tokens_per_cpu_s", True),
+                ("process s", "process_s", False), ("process CPU-s", "process_cpu_s", False))
+
+
+def compare_with_plain(args, presets: list[str]) -> int:
+    """--baseline plain: alternated pairs of engine and plain runs per preset; prints the ratios per pair."""
+    steps = args.steps or PLAIN_STEPS
+    pairs = args.pairs or PLAIN_PAIRS
+    out_dir = args.out or harness.default_out_dir(torch.device("cpu"))
+    writer = report.RowWriter(out_dir / "train_vs_plain.jsonl")
+    env = harness.environment(torch.device("cpu"))
+    threads = args.threads or torch.get_num_threads()
+    print(f"engine against plain PyTorch on {env['device']}, {threads} threads, commit {env['commit']}: "
+          f"{pairs} pairs of {steps} steps per preset, each run its own process")
+    print("note: a shared CPU makes single timings noisy; read the per-pair ratios and their range "
+          "(CPU seconds are the steadier measure on a loaded machine)")
+    for preset_name in presets:
+        batch_size = args.batch_size or PLAIN_CPU_BATCH[preset_name]
+        spec = {"preset": preset_name, "batch_size": batch_size, "steps": steps, "seed": args.seed,
+                "eval_iters": args.eval_iters, "backend": "auto", "compile": bool(args.compile),
+                "threads": args.threads}
+        dtypes = {"engine": args.dtype or "auto", "plain": args.plain_dtype}
+        print(f"\n## {preset_name}, batch {batch_size}, {steps} steps, engine --dtype {dtypes['engine']}, "
+              f"plain {dtypes['plain']}; ratios engine over plain (> 1: the engine is faster)")
+        print("| pair | " + " | ".join(f"{name} ratio" for name, _, _ in PLAIN_RATIOS) +
+              " | engine tok/s | plain tok/s | engine val loss | plain val loss |")
+        print("|---" * (len(PLAIN_RATIOS) + 5) + "|")
+        ratios = {name: [] for name, _, _ in PLAIN_RATIOS}
+        losses = {"engine": [], "plain": []}
+        for pair in range(pairs):
+            order = ("engine", "plain") if pair % 2 == 0 else ("plain", "engine")
+            # Both sides of a pair share a seed; each pair has its own, so the losses' range shows the spread
+            # over initializations and data order.
+            result = {kind: run_plain_pair_side({**spec, "kind": kind, "dtype": dtypes[kind], "seed": args.seed + pair})
+                      for kind in order}
+            engine, plain = result["engine"], result["plain"]
+            for name, key, higher_is_faster in PLAIN_RATIOS:
+                ratio = engine[key] / plain[key]
+                ratios[name].append(ratio if higher_is_faster else 1 / ratio)
+            for kind, values in losses.items():
+                values.append(result[kind]["val_loss"])
+            writer({"op": "train_vs_plain", "preset": preset_name, "pair": pair, "seed": args.seed + pair,
+                    "order": list(order),
+                    "batch_size": batch_size, "steps": steps, "threads": threads, "engine": engine, "plain": plain,
+                    "ratios": {name: values[-1] for name, values in ratios.items()}, **env})
+            print(f"| {pair} | " + " | ".join(f"{values[-1]:.3f}" for values in ratios.values()) +
+                  f" | {engine['tokens_per_s']:,.0f} | {plain['tokens_per_s']:,.0f} | {engine['val_loss']:.4f} | "
+                  f"{plain['val_loss']:.4f} |", flush=True)
+        print(f"{preset_name} (engine {engine['dtype']}, plain {plain['dtype']}), median (min-max) over pairs: " +
+              "; ".join(f"{name} ratio {spread(values)}" for name, values in ratios.items()) +
+              f"; val loss engine {spread(losses['engine'])}, plain {spread(losses['plain'])}")
+    print(f"wrote {out_dir / 'train_vs_plain.jsonl'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", type=lambda s: harness.parse_list(s), default=None,
@@ -197,7 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", type=lambda s: harness.parse_list(s), default=None,
                         help="comma-separated backends, 'auto' and 'compile' (default: all that run here, auto, "
                              "and compile on a GPU)")
-    parser.add_argument("--baseline", default="torch", help="backend the speedup column divides by (default: torch)")
+    parser.add_argument("--baseline", default="torch",
+                        help="backend the speedup column divides by (default: torch), or 'plain': the engine "
+                             "against a plain PyTorch GPT on Shakespeare (bench/plain_gpt.py; CPU)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help=f"--baseline plain: alternated engine/plain pairs per preset (default {PLAIN_PAIRS})")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="--baseline plain: seed of both sides of the first pair (pair i: seed + i)")
+    parser.add_argument("--eval-iters", type=int, default=20,
+                        help="--baseline plain: validation batches at the end of each run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one side of a --baseline plain pair (JSON spec)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="include 'compile' (torch.compile of the torch backend; default: on a GPU only, "
                              "the first compile takes minutes on a small CPU)")
@@ -209,8 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"sequences per step for every preset (default: per preset, GPU {GPU_BATCH}, "
                              f"CPU {CPU_BATCH})")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the preset's max_seq_len)")
-    parser.add_argument("--dtype", choices=list(harness.DTYPES), default=None,
-                        help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU)")
+    parser.add_argument("--dtype", choices=[*harness.DTYPES, "auto"], default=None,
+                        help="autocast dtype (default: bf16 on a GPU, fp32 on a CPU; with --baseline plain: the "
+                             "engine's, default auto as in engine.train)")
+    parser.add_argument("--plain-dtype", choices=list(harness.DTYPES), default="fp32",
+                        help="--baseline plain: the plain side's autocast dtype (default fp32, a user's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for PyTorch (default: PyTorch's choice); 1 steadies timings on a "
@@ -222,8 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = harness.resolve_device(args.device)
+    if args.worker is not None:
+        spec = json.loads(args.worker)
+        harness.set_threads(spec["threads"])
+        print(json.dumps(plain_run(spec)))
+        return 0
     harness.set_threads(args.threads)
+    if args.baseline == PLAIN:
+        presets = args.presets or list(PLAIN_PRESETS)
+        unknown = [name for name in presets if name not in PRESETS]
+        if unknown or (args.pairs is not None and args.pairs < 1) or (args.steps is not None and args.steps < 1):
+            raise SystemExit(f"error: unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}" if unknown
+                             else "error: --pairs and --steps must be at least 1")
+        return compare_with_plain(args, presets)
+    if args.dtype == "auto":
+        raise SystemExit("error: --dtype auto is for --baseline plain; choose fp32, bf16 or fp16")
+    device = harness.resolve_device(args.device)
     gpu = device.type == "cuda"
     dtype = harness.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
     presets = args.presets or list(GPU_PRESETS if gpu else CPU_PRESETS)

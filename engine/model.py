@@ -88,6 +88,9 @@ class GPTConfig:
 PRESETS: dict[str, dict] = {
     # About 250K parameters: trains to a readable loss on a laptop CPU in minutes.
     "toy": dict(d_model=64, n_heads=4, d_ff=256, n_layers=5, max_seq_len=128),
+    # nanoGPT's CPU recipe for character-level Shakespeare (4 x 128, context 64, no bias, learned positions).
+    "nanogpt-cpu": dict(d_model=128, n_heads=4, d_ff=512, n_layers=4, max_seq_len=64, bias=False,
+                        pos_encoding="learned"),
     # The original design: 6 layers of 512, 8 heads, 4x FFN, sinusoidal positions. 23.1M parameters on
     # the 8192-token BPE vocabulary it trains with (engine.train's PRESET_TRAINING), 19M on characters.
     "default": dict(d_model=512, n_heads=8, d_ff=2048, n_layers=6, max_seq_len=256),

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recompute the whole context for every token instead of using the KV cache")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'")
+                        help="'auto' (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), 'fp32', "
+                             "'bf16' or 'fp16'")
     parser.add_argument("--backend", default="auto", help="kernel backend: auto, reference, torch, ...")
     parser.add_argument("--no-self-check", action="store_true",
                         help="do not check the chosen backends against reference on this device first")

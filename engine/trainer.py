@@ -57,7 +57,8 @@ class TrainConfig:
     seed: int = option(1337, "Seed for initialization, data sampling and dropout.")
     backend: str = option("auto", "Kernel backend: auto, reference, torch, ... (see --list-backends).")
     device: str = option("auto", "'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'.")
-    dtype: str = option("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16'.")
+    dtype: str = option("auto", "'auto' (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), "
+                                "'fp32', 'bf16' or 'fp16'.")
     compile: bool = option(False, "Wrap the model in torch.compile.")
     nvtx: bool = option(False, "NVTX ranges for Nsight: forward, backward, optimizer, each layer's attention and FFN.")
     profile: bool = option(False, "Write a torch.profiler Chrome trace of steps 2 to 4 to <run folder>/trace.json.")

@@ -9,11 +9,12 @@ from datetime import datetime
 import pytest
 import torch
 
-from bench import attention, autotune, cross_entropy, ffn, harness, layernorm, report, sanitize_ops
+from bench import attention, autotune, cross_entropy, ffn, harness, layernorm, plain_gpt, report, sanitize_ops
 from bench import train as bench_train
 from engine import profiling
-from engine.data import ByteTokenizer
+from engine.data import ByteTokenizer, IdTokenizer, TokenData
 from engine.model import GPT, GPTConfig, preset
+from engine.train import resolve_dtype
 from engine.trainer import TrainConfig, Trainer
 
 ROW_FIELDS = {"op", "backend", "label", "shape", "dtype", "pass", "status", "ms", "tflops", "gbps", "peak_mem_mb",
@@ -165,6 +166,110 @@ def test_bench_train_runs_toy_steps(tmp_path, capsys):
         assert row["mfu"] is None and 0 < row["mfu_vs_matmul"] and math.isfinite(row["loss"])
     assert rows[0]["speedup"] == 1.0 and math.isclose(rows[1]["speedup"], rows[0]["ms"] / rows[1]["ms"])
     assert "| toy | 2 x 32 | fp32 | reference |" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bench.train --baseline plain
+
+@pytest.mark.parametrize("overrides", [{}, {"pos_encoding": "learned", "bias": False}])
+def test_plain_baseline_is_the_engine_model(overrides):
+    # Same parameter names and shapes, so the engine's initial weights load into the plain model, and
+    # from them it computes the same loss and gradients: the baseline differs in implementation only.
+    config = GPTConfig(vocab_size=23, d_model=16, n_heads=2, d_ff=32, n_layers=2, max_seq_len=12, **overrides)
+    torch.manual_seed(0)
+    model = GPT(config)
+    baseline = plain_gpt.PlainGPT(config)
+    baseline.load_state_dict(model.state_dict(), strict=True)
+    idx, targets = torch.randint(0, 23, (3, 12)), torch.randint(0, 23, (3, 12))
+    loss, plain_loss = model.loss(idx, targets), baseline.loss(idx, targets)
+    torch.testing.assert_close(plain_loss, loss, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    plain_loss.backward()
+    plain_grads = dict(baseline.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(plain_grads[name].grad, parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_plain_baseline_initializes_like_the_engine():
+    # GPT-2's init on both sides: std 0.02, residual projections 0.02 / sqrt(2 n_layers), zero biases.
+    config = GPTConfig(vocab_size=64, d_model=64, n_heads=2, d_ff=256, n_layers=8, max_seq_len=32)
+    torch.manual_seed(0)
+    ours = dict(GPT(config).named_parameters())
+    for name, parameter in plain_gpt.PlainGPT(config).named_parameters():
+        assert parameter.shape == ours[name].shape, name
+        if parameter.dim() >= 2:
+            assert math.isclose(parameter.std().item(), ours[name].std().item(), rel_tol=0.15), name
+        else:
+            assert torch.equal(parameter, ours[name]), name  # LayerNorm ones, bias zeros
+    assert math.isclose(ours["blocks.0.fc2.weight"].std().item(), 0.02 / 4, rel_tol=0.1)
+
+
+PLAIN_ARGS = ["--baseline", "plain", "--presets", "toy", "--steps", "2", "--batch-size", "2", "--eval-iters", "1",
+              "--threads", "1"]
+
+
+def test_bench_train_against_plain_runs_alternated_pairs(tmp_path, capsys, monkeypatch):
+    # Each side in this process (the real runs are processes of their own: the next test).
+    sides = []
+
+    def in_process(spec):
+        sides.append((spec["kind"], spec["seed"], spec["dtype"]))
+        result = bench_train.plain_run(spec)
+        return {**result, "process_s": result["train_s"] + 1.0, "process_cpu_s": result["train_cpu_s"] + 1.0}
+
+    monkeypatch.setattr(bench_train, "run_plain_pair_side", in_process)
+    assert bench_train.main([*PLAIN_ARGS, "--pairs", "2", "--out", str(tmp_path)]) == 0
+    assert sides == [("engine", 1337, "auto"), ("plain", 1337, "fp32"), ("plain", 1338, "fp32"),
+                     ("engine", 1338, "auto")]
+    rows = report.load_rows(tmp_path / "train_vs_plain.jsonl")
+    assert [row["order"] for row in rows] == [["engine", "plain"], ["plain", "engine"]]
+    for row in rows:
+        for side in ("engine", "plain"):
+            result = row[side]
+            assert result["tokens_per_s"] > 0 and result["train_s"] > 0, result
+            assert math.isfinite(result["val_loss"]) and result["dtype"] in ("fp32", "bf16")
+        assert row["ratios"]["tok/s"] == pytest.approx(row["engine"]["tokens_per_s"] / row["plain"]["tokens_per_s"])
+        assert row["ratios"]["process s"] == pytest.approx(row["plain"]["process_s"] / row["engine"]["process_s"])
+    out = capsys.readouterr().out
+    assert "## toy, batch 2, 2 steps, engine --dtype auto, plain fp32" in out
+    assert "toy (engine " in out and "tok/s ratio" in out
+
+
+@pytest.mark.slow
+def test_bench_train_against_plain_runs_each_side_in_its_own_process(tmp_path):
+    assert bench_train.main([*PLAIN_ARGS, "--pairs", "1", "--out", str(tmp_path)]) == 0
+    (row,) = report.load_rows(tmp_path / "train_vs_plain.jsonl")
+    for side in ("engine", "plain"):
+        # The process also imports torch, loads the corpus and builds the model: longer than its loop.
+        assert row[side]["process_s"] > row[side]["train_s"] > 0 and row[side]["process_cpu_s"] > 0
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(True, False, torch.bfloat16),
+                                                              (False, True, torch.bfloat16),
+                                                              (False, False, torch.float32)])
+def test_dtype_auto_is_bf16_on_cpus_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_dtype("auto", CPU) == expected
+    assert resolve_dtype("fp32", CPU) == torch.float32
+
+
+def test_bf16_on_the_cpu_trains_like_fp32(tmp_path):
+    # bf16 autocast keeps fp32 weights, optimizer state and loss: the same steps reach about the same loss.
+    data = bench_train.random_token_data(32, 16, 8)
+    data = TokenData(train=data.train % 8, val=data.val % 8, tokenizer=IdTokenizer(32), source="8 of 32 ids")
+    final = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        config = TrainConfig(batch_size=8, max_steps=30, warmup_steps=3, lr=3e-3, eval_interval=30, eval_iters=2,
+                             sample_tokens=0, log_interval=30)
+        trainer = Trainer(preset("toy", vocab_size=32, n_layers=2, max_seq_len=16), config, data,
+                          tmp_path / str(dtype), CPU, dtype, log=lambda *args: None)
+        (tmp_path / str(dtype)).mkdir()
+        assert trainer.run() == 0
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        final[dtype] = [row for row in report.load_rows(tmp_path / str(dtype) / "metrics.jsonl") if "val_loss" in row]
+    fp32, bf16 = final[torch.float32][-1]["val_loss"], final[torch.bfloat16][-1]["val_loss"]
+    assert fp32 < math.log(32) - 1.0  # learned that only 8 of the 32 tokens occur (ln 8 = 2.08)
+    assert abs(bf16 - fp32) < 0.05, (fp32, bf16)
 
 
 # ----------------------------------------------------------------------------- profiling hooks

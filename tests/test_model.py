@@ -40,7 +40,7 @@ def test_invalid_config_values_are_value_errors(field, value, message):
 
 
 def test_unknown_preset_lists_the_choices():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of toy, default, gpt2"):
+    with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of toy, nanogpt-cpu, default, gpt2"):
         preset("huge")
 
 
