@@ -423,12 +423,21 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dimension D={q.shape[3]} (last dim of q) is not supported; "
                          f"supported: {SUPPORTED_HEAD_DIMS}")
-    if q.device.type != "cuda" and not INTERPRETING:
+    if q.device.type != "cuda" and not INTERPRETING and not _active_triton_driver_uses(q.device):
         raise ValueError(f"the triton attention kernels need CUDA tensors (got {q.device}); "
                          "set TRITON_INTERPRET=1 before importing triton to run them on the CPU")
     if INTERPRETING and q.dtype == torch.bfloat16:
         raise ValueError("bf16 attention is not supported under TRITON_INTERPRET=1: Triton 3.6's interpreter "
                          "computes bf16 tl.dot wrongly; use fp32 or fp16 on the CPU, bf16 on a GPU")
+
+
+def _active_triton_driver_uses(device: torch.device) -> bool:
+    """Whether Triton's active driver launches on tensors of this device type (only a stand-in driver,
+    such as the compile-only one of tests/preflight.py, takes CPU tensors without the interpreter)."""
+    try:
+        return triton.runtime.driver.active.get_active_torch_device().type == device.type
+    except RuntimeError:  # no GPU driver at all
+        return False
 
 
 def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
