@@ -55,10 +55,13 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
-_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_TANH_K = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_A = 0.044715
+# Constants read inside @triton.jit functions must be tl.constexpr: a plain module-level float runs
+# in the interpreter but fails every real compile ("Cannot access global variable"); the pre-flight
+# (tests/test_preflight.py) compiles every kernel for sm_90 and sm_80 to catch that class.
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_TANH_K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_A = tl.constexpr(0.044715)
 
 
 def _matmul_configs() -> list[triton.Config]:
