@@ -327,19 +327,21 @@ def workloads(sweep: str) -> dict[str, callable]:
     return out
 
 
-KERNEL_MODULES = ("attention", "ffn", "layernorm", "cross_entropy")
-
-
 def defined_kernels() -> list[str]:
-    """The name of every launchable Triton kernel (module-level, named *_kernel) in engine.kernels."""
+    """The name of every launchable Triton kernel (a module-level function named *_kernel, autotuned or
+    not) in every file of kernels/."""
     import importlib
+    import pkgutil
+
+    import engine.kernels
 
     names = set()
-    for module_name in KERNEL_MODULES:
-        module = importlib.import_module(f"engine.kernels.{module_name}")
-        for name, value in vars(module).items():
-            if name.endswith("_kernel") and isinstance(value, (JITFunction, Autotuner)):
-                names.add(name)
+    for module_info in pkgutil.iter_modules(engine.kernels.__path__):
+        module = importlib.import_module(f"engine.kernels.{module_info.name}")
+        for value in vars(module).values():
+            function = value.base_fn if isinstance(value, Autotuner) else getattr(value, "fn", None)
+            if isinstance(value, (JITFunction, Autotuner)) and function.__name__.endswith("_kernel"):
+                names.add(function.__name__)
     return sorted(names)
 
 
