@@ -81,8 +81,8 @@ def _gelu(u, TANH: tl.constexpr):
 
 @triton.jit
 def _gelu_and_grad(u, TANH: tl.constexpr):
-    """(gelu(u), gelu'(u)) sharing their costly term (erf, or the sigmoid): computed once, it keeps the
-    backward epilogue's registers in bounds (computed twice, large tiles spilled on sm_80 and sm_90)."""
+    """(gelu(u), gelu'(u)), computing their costly term (erf, or the sigmoid) once: the backward
+    epilogue holds several fp32 tiles already (kernels/matmul.py gives the erf one smaller tiles)."""
     if TANH:
         s = tl.sigmoid(2.0 * _TANH_K * (u + _TANH_A * u * u * u))
         return u * s, s + u * s * (1.0 - s) * (2.0 * _TANH_K) * (1.0 + 3.0 * _TANH_A * u * u)
@@ -141,7 +141,8 @@ def _linear_residual_kernel(h_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, seed_ptr, dr
 
 
 # Timing candidates of different BLOCK_M fills different rows of the partial sums: zero them in between.
-@autotune(CONFIGS, operand_kind("dout_ptr"), _KEY, reset_to_zero=["db_partial_ptr"])
+@autotune(CONFIGS, operand_kind("dout_ptr", heavy_epilogue=lambda constexprs: not constexprs["TANH"]), _KEY,
+          reset_to_zero=["db_partial_ptr"])
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_gelu_backward_kernel(dout_ptr, w_ptr, pre_ptr, dpre_ptr, h_ptr, db_partial_ptr, M, N, K, M_BUCKET,
                                  stride_dm, stride_dk, stride_wk, stride_wn,

@@ -13,7 +13,8 @@ Tuning: on a GPU the tile shape is autotuned among CONFIGS (per kind of operand:
 keyed on power-of-two buckets of M, N and K, with the choice kept on disk (kernels/_common.py).
 The candidates were compiled for sm_90 and sm_80 by the pre-flight (tests/test_preflight.py): each
 fits both targets' shared memory and keeps its registers (the fused FFN epilogues included); the
-larger tiles that did not, 128x256 and 256x128 with 8 warps and 128x128 with 4 warps, were dropped.
+larger tiles that did not were dropped (16-bit: 128x256 and 256x128 with 8 warps, 128x128, 128x64 and
+64x128 with 4 warps, and 128x128 for the exact GELU's backward; fp32: 64x64x32 and 128x64x32).
 Under TRITON_INTERPRET=1 there is one configuration with big blocks (the interpreter cannot autotune).
 """
 from __future__ import annotations
@@ -35,20 +36,26 @@ if INTERPRET:
     CONFIGS = {"interpreter": _configs([(128, 128, 128, 1, 4)])}
 else:
     CONFIGS = {
-        "16-bit": _configs([(128, 128, 64, 3, 8), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]),
+        "16-bit": _configs([(128, 128, 64, 3, 8), (64, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 64, 64, 4, 4)]),
+        # An epilogue that holds several fp32 tiles and runs erf (the exact GELU's backward) spills
+        # registers with 128 x 128 tiles: 64 x 128 and 128 x 64 over 8 warps keep them.
+        "16-bit, heavy epilogue": _configs([(64, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 64, 64, 4, 4)]),
         # IEEE fp32 products run without tensor cores and need far more registers: small tiles.
-        "fp32": _configs([(64, 64, 32, 3, 4), (64, 128, 32, 3, 8), (32, 64, 32, 4, 4)]),
+        "fp32": _configs([(64, 128, 32, 3, 8), (32, 64, 32, 4, 4)]),
     }
 # The smallest BLOCK_M among the candidates (sizes per-row-tile buffers whatever the choice).
 MIN_BLOCK_M = min(config.kwargs["BLOCK_M"] for configs in CONFIGS.values() for config in configs)
 
 
-def operand_kind(operand: str):
-    """A `kind` for _common.autotune: the candidate list for the dtype of the named pointer argument."""
+def operand_kind(operand: str, heavy_epilogue=lambda constexprs: False):
+    """A `kind` for _common.autotune: the candidate list for the dtype of the named pointer argument
+    (and for 16-bit operands, whether heavy_epilogue(constexprs) says the epilogue is a heavy one)."""
     def kind(named_args, constexprs):
         if INTERPRET:
             return "interpreter"
-        return "fp32" if named_args[operand].dtype == torch.float32 else "16-bit"
+        if named_args[operand].dtype == torch.float32:
+            return "fp32"
+        return "16-bit, heavy epilogue" if heavy_epilogue(constexprs) else "16-bit"
     return kind
 
 
