@@ -94,6 +94,7 @@ class Compiled:
     registers: int
     spill_stores: int
     spill_loads: int
+    atomics: bool  # atomic instructions in the PTX (their order, and the result's last bits, vary per run)
     hash: str
 
 
@@ -105,6 +106,7 @@ class Report:
     failures: list[dict] = field(default_factory=list)  # {"workload", "error"}
     compile_failures: list[dict] = field(default_factory=list)  # {"workload", "kernel", "config", "error"}
     kernels: list[str] = field(default_factory=list)  # every kernel engine.kernels defines
+    autotuners: list[dict] = field(default_factory=list)  # {"name", "kernel", "key", "cache_results", "restore_value"}
     canary_failed_to_compile: bool = False
     seconds: float = 0.0
 
@@ -158,7 +160,8 @@ def _compile_only_run(self, *args, grid, warmup, **kwargs):
         config = {k: v for k, v in _launch_config(kwargs).items() if k not in ("num_warps", "num_stages")}
         _report.compiled.append(Compiled(
             _workload, self.fn.__name__, config, kernel.metadata.num_warps, kernel.metadata.num_stages,
-            kernel.metadata.shared, hash=kernel.hash, **_ptxas_usage(kernel)))
+            kernel.metadata.shared, atomics=bool(re.search(r"\b(atom|red)\.", kernel.asm["ptx"])), hash=kernel.hash,
+            **_ptxas_usage(kernel)))
     return kernel
 
 
@@ -327,27 +330,36 @@ def workloads(sweep: str) -> dict[str, callable]:
     return out
 
 
-def defined_kernels() -> list[str]:
-    """The name of every launchable Triton kernel (a module-level function named *_kernel, autotuned or
-    not) in every file of kernels/."""
+def _kernel_objects():
+    """(name, object) of every module-level JITFunction and Autotuner in the files of kernels/."""
     import importlib
     import pkgutil
 
     import engine.kernels
 
-    names = set()
     for module_info in pkgutil.iter_modules(engine.kernels.__path__):
         module = importlib.import_module(f"engine.kernels.{module_info.name}")
-        for value in vars(module).values():
-            function = value.base_fn if isinstance(value, Autotuner) else getattr(value, "fn", None)
-            if isinstance(value, (JITFunction, Autotuner)) and function.__name__.endswith("_kernel"):
-                names.add(function.__name__)
-    return sorted(names)
+        for name, value in vars(module).items():
+            if isinstance(value, (JITFunction, Autotuner)):
+                yield f"{module_info.name}.{name}", value
+
+
+def defined_kernels() -> list[str]:
+    """The name of every launchable Triton kernel (a module-level function named *_kernel, autotuned or
+    not) in every file of kernels/."""
+    names = {(value.base_fn if isinstance(value, Autotuner) else value.fn).__name__ for _, value in _kernel_objects()}
+    return sorted(name for name in names if name.endswith("_kernel"))
+
+
+def autotuners() -> list[dict]:
+    return [{"name": name, "kernel": value.base_fn.__name__, "key": list(value.keys),
+             "cache_results": value.cache_results, "restore_value": list(value.restore_value)}
+            for name, value in _kernel_objects() if isinstance(value, Autotuner)]
 
 
 def run(capability: int, sweep: str, only: str | None = None) -> Report:
     global _report, _workload
-    report = Report(capability, sweep, kernels=defined_kernels())
+    report = Report(capability, sweep, kernels=defined_kernels(), autotuners=autotuners())
     start = time.perf_counter()
     torch.set_num_threads(1)
     with compile_only(capability):

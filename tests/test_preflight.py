@@ -68,6 +68,20 @@ def _check(report: dict) -> None:
                        f"{c['spill_stores']} bytes spilled ({c['registers']} registers)"
                        for c in report["compiled"] if c["spill_stores"] or c["spill_loads"]})
     assert not spilling, f"sm_{capability}: autotune candidates that spill registers:\n" + "\n".join(spilling)
+    atomic = sorted({c["kernel"] for c in report["compiled"] if c["atomics"]})
+    assert not atomic, f"kernels with atomics (not bitwise repeatable, so a resume is not either): {atomic}"
+
+
+def test_autotuners_keep_results_on_disk_and_key_varying_lengths_by_bucket(quick):
+    """Every tuner keeps its choice on disk (a resumed run and every rank use one configuration), keys
+    lengths that change from call to call (tokens, sequence lengths) by power-of-two bucket, and
+    copies its output around timed calls only when a call accumulates into it."""
+    tuners = quick[90]["autotuners"]
+    assert tuners
+    for tuner in tuners:
+        assert tuner["cache_results"], tuner
+        assert not {"M", "T_Q", "T_K"} & set(tuner["key"]), tuner
+        assert (tuner["restore_value"] != []) == ("accumulate" in tuner["name"]), tuner
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
