@@ -49,7 +49,9 @@ def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+# rows_per_program depends on the GPU's SM count and N only bounds loops and masks: not specialized
+# (divisibility by 16), so every GPU, and the CPU pre-flight, build the same binary.
+@triton.jit(do_not_specialize=["N", "rows_per_program"])
 def _layer_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
                                 N, C, stride_dy, stride_x, rows_per_program,
                                 HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -95,6 +95,7 @@ class Compiled:
     spill_stores: int
     spill_loads: int
     atomics: bool  # atomic instructions in the PTX (their order, and the result's last bits, vary per run)
+    operand: str  # the first pointer argument's element type (fp32, bf16, ...)
     hash: str
 
 
@@ -160,8 +161,9 @@ def _compile_only_run(self, *args, grid, warmup, **kwargs):
         config = {k: v for k, v in _launch_config(kwargs).items() if k not in ("num_warps", "num_stages")}
         _report.compiled.append(Compiled(
             _workload, self.fn.__name__, config, kernel.metadata.num_warps, kernel.metadata.num_stages,
-            kernel.metadata.shared, atomics=bool(re.search(r"\b(atom|red)\.", kernel.asm["ptx"])), hash=kernel.hash,
-            **_ptxas_usage(kernel)))
+            kernel.metadata.shared, atomics=bool(re.search(r"\b(atom|red)\.", kernel.asm["ptx"])),
+            operand=next(t[1:] for t in kernel.src.signature.values() if isinstance(t, str) and t.startswith("*")),
+            hash=kernel.hash, **_ptxas_usage(kernel)))
     return kernel
 
 
@@ -256,8 +258,8 @@ def attention_workload(dtype, D: int, causal: bool, backward: bool = True, T: in
     return run
 
 
-def ffn_workload(dtype, residual_dtype, activation: str, bias: bool, dropout: bool, M: int = 1024, C: int = 768,
-                 F: int = 3072):
+def ffn_workload(dtype, residual_dtype, activation: str, bias: bool, dropout: bool, evaluation: bool,
+                 M: int = 1024, C: int = 768, F: int = 3072):
     from engine.kernels import ffn
 
     def run():
@@ -268,7 +270,8 @@ def ffn_workload(dtype, residual_dtype, activation: str, bias: bool, dropout: bo
         seed = torch.zeros(1, dtype=torch.int64)
         y, pre = ffn.ffn_forward(x, w1, b1, w2, b2, residual, activation, p, seed, store_pre=True)
         ffn.ffn_backward(torch.empty_like(y), x, w1, w2, pre, activation, p, seed, bias, bias)
-        ffn.ffn_forward(x, w1, b1, w2, b2, residual, activation, p, seed, store_pre=False)  # evaluation
+        if evaluation:  # no gradient: the forward keeps no activation
+            ffn.ffn_forward(x, w1, b1, w2, b2, residual, activation, p, seed, store_pre=False)
     return run
 
 
@@ -303,27 +306,29 @@ _NAMES = {_BF16: "bf16", _FP16: "fp16", _FP32: "fp32"}
 
 
 def workloads(sweep: str) -> dict[str, callable]:
-    """Name -> workload. "quick": every kernel and every autotune candidate list, at GPT-2's shapes, as
-    training runs them (bf16 autocast: 16-bit matmuls, fp32 residual stream and LayerNorm; and fp32),
-    both activations, bias and dropout on and off, causal and not, D = 64 and 128 (one of each
-    candidate list). "full" adds fp16, D = 16 and 32, 16-bit LayerNorm and a 16-bit residual."""
-    low = [_BF16] if sweep == "quick" else [_BF16, _FP16]
-    head_dims = (64, 128) if sweep == "quick" else (16, 32, 64, 128)
+    """Name -> workload. "quick" (the default test): every kernel, every candidate list and every
+    epilogue variant training takes, at GPT-2's shapes, as training runs them: bf16 autocast (16-bit
+    matmuls and attention, fp32 residual stream and LayerNorm) and fp32; both activations, bias and
+    dropout on and off; D = 64 and 128 causal, D = 64 non-causal with a decode step. "full" (`slow`)
+    adds fp16, D = 16 and 32, every bias/dropout combination, evaluation (no saved activation),
+    16-bit LayerNorm and a 16-bit residual stream, and the non-causal D = 128 and fp32 kernels."""
+    full = sweep == "full"
     out = {}
-    for dtype in low + [_FP32]:
+    for dtype in [_BF16, _FP16, _FP32] if full else [_BF16, _FP32]:
         name = _NAMES[dtype]
-        for D in head_dims:
+        for D in (16, 32, 64, 128) if full else (64, 128):
             for causal in (True, False):
-                out[f"attention {name} D={D} {'causal' if causal else 'non-causal + decode'}"] = \
-                    attention_workload(dtype, D, causal)
-        residuals = [_FP32] if dtype == _FP32 or sweep == "quick" else [_FP32, dtype]
-        for residual in residuals:
+                if full or causal or (D == 64 and dtype != _FP32):
+                    out[f"attention {name} D={D} {'causal' if causal else 'non-causal + decode'}"] = \
+                        attention_workload(dtype, D, causal)
+        for residual in [_FP32, dtype] if full and dtype != _FP32 else [_FP32]:
             for activation in ("gelu", "gelu_tanh"):
-                for bias, dropout in ((True, False), (False, True)) if sweep == "quick" else \
-                        ((True, False), (False, False), (True, True), (False, True)):
+                combos = ((True, False), (False, False), (True, True), (False, True)) if full else \
+                    ((True, False), (False, True))
+                for bias, dropout in combos:
                     out[f"ffn {name} residual {_NAMES[residual]} {activation} bias={bias} dropout={dropout}"] = \
-                        ffn_workload(dtype, residual, activation, bias, dropout)
-        for ln_dtype in ([_FP32] if sweep == "quick" else [_FP32, dtype]):
+                        ffn_workload(dtype, residual, activation, bias, dropout, evaluation=full)
+        for ln_dtype in [_FP32, dtype] if full and dtype != _FP32 else [_FP32]:
             for bias in (True, False):
                 out[f"layer_norm {_NAMES[ln_dtype]} bias={bias}"] = layer_norm_workload(ln_dtype, _FP32, bias)
         out[f"cross_entropy {name} V=50304"] = cross_entropy_workload(dtype, 50304)
@@ -380,13 +385,44 @@ def run(capability: int, sweep: str, only: str | None = None) -> Report:
     return report
 
 
+def summary(reports: list[dict]) -> str:
+    """A Markdown table per target: every kernel and candidate kept, with the most registers, shared
+    memory and spills over the flag combinations the sweep compiled."""
+    lines = []
+    for report in reports:
+        lines += [f"### sm_{report['capability']} ({report['sweep']} sweep, {len(report['compiled'])} kernels compiled)",
+                  "", "| kernel | candidate | warps | stages | registers | shared KB | spills (bytes) | variants |",
+                  "|---|---|---|---|---|---|---|---|"]
+        rows: dict[tuple, list] = {}
+        for c in report["compiled"]:
+            blocks = "x".join(str(v) for k, v in c["config"].items() if k.startswith("BLOCK"))
+            key = (c["kernel"], blocks, c["operand"], c["num_warps"], c["num_stages"])
+            row = rows.setdefault(key, [0, 0, 0, 0])
+            row[0] = max(row[0], c["registers"])
+            row[1] = max(row[1], c["shared"])
+            row[2] = max(row[2], c["spill_stores"] + c["spill_loads"])
+            row[3] += 1
+        for (kernel, blocks, operand, warps, stages), (registers, shared, spills, count) in sorted(rows.items()):
+            candidate = f"{blocks} {operand}".strip()
+            lines.append(f"| {kernel} | {candidate} | {warps} | {stages} | {registers} | {shared / 1024:.1f} | "
+                         f"{spills} | {count} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--capability", type=int, choices=sorted(SHARED_MEMORY_LIMIT), required=True)
+    parser.add_argument("--capability", type=int, choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--sweep", choices=("quick", "full"), default="quick")
     parser.add_argument("--only", help="run only the workloads whose name contains this text")
-    parser.add_argument("--out", required=True, help="where to write the JSON report")
+    parser.add_argument("--out", help="where to write the JSON report")
+    parser.add_argument("--summarize", nargs="+", metavar="REPORT", help="print a Markdown table of JSON reports")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summary([json.load(open(path)) for path in args.summarize]))
+        return 0
+    if args.capability is None or args.out is None:
+        parser.error("--capability and --out are required (or --summarize)")
     report = run(args.capability, args.sweep, args.only)
     with open(args.out, "w") as f:
         json.dump(asdict(report), f, indent=1)
