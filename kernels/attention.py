@@ -61,27 +61,28 @@ LN_2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN_2
 
 # Candidate block sizes: (rows owned by a program, rows per inner step, num_warps, num_stages), per
 # kind of input; the autotuner times them on the GPU. The owned block must be a multiple of the step
-# (the causal split into unmasked and diagonal steps relies on it). The 16-bit lists were checked by
-# compiling each entry for sm_90 with Triton 3.6 (bf16, D = 64 and 128) and reading ptxas' report:
-# they fit in shared memory and do not spill registers (one spills 4 bytes), where for example
-# 128-row blocks with 4 warps at D = 128 spill kilobytes. fp32 runs tl.dot without tensor cores
-# (exact "ieee" products), which needs far more registers: small tiles, and they still spill.
+# (the causal split into unmasked and diagonal steps relies on it). Every entry is compiled for sm_90
+# and sm_80 by the pre-flight (tests/test_preflight.py), which keeps only those that fit shared
+# memory and do not spill registers on either; it dropped (forward) 128x64 with 4 warps at D <= 64;
+# 128x64, 128x128 and 128x32 at D = 128 (spilling up to 324 bytes on sm_80); (backward) 64x32 with 4
+# warps at D <= 64, 128x32 and 128x16 at D = 128. fp32 runs tl.dot without tensor cores (exact "ieee"
+# products), which needs far more registers: small tiles, and at D = 128 only 16 x 16 keeps them.
 # The interpreter gets one configuration with big blocks: its cost grows with programs x loop steps.
 if INTERPRET:
     _FORWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
     _BACKWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
 else:
     _FORWARD_BLOCKS = {
-        "16-bit, D <= 64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                            (64, 32, 4, 4)],
-        "16-bit, D = 128": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
-        "fp32": [(32, 32, 4, 2), (64, 32, 8, 2)],
+        "16-bit, D <= 64": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+        "16-bit, D = 128": [(64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3)],
+        "fp32, D <= 64": [(32, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+        "fp32, D = 128": [(16, 16, 4, 2)],
     }
     _BACKWARD_BLOCKS = {
-        "16-bit, D <= 64": [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3),
-                            (64, 16, 4, 4)],
-        "16-bit, D = 128": [(64, 32, 8, 3), (128, 32, 8, 4), (128, 16, 8, 3), (64, 16, 8, 3)],
-        "fp32": [(32, 16, 4, 2), (32, 32, 8, 2)],
+        "16-bit, D <= 64": [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 8, 3), (128, 16, 8, 3), (64, 16, 4, 4)],
+        "16-bit, D = 128": [(64, 32, 8, 3), (64, 16, 8, 3)],
+        "fp32, D <= 64": [(32, 16, 4, 2), (32, 32, 8, 2)],
+        "fp32, D = 128": [(16, 16, 4, 2)],
     }
 _DELTA_BLOCK_M = 64
 # Autotuning is keyed on power-of-two buckets of the lengths (plus D, causal and the dtypes), so
@@ -97,9 +98,8 @@ def _input_kind(named_args: dict, constexprs: dict) -> str:
     """Which candidate list a launch takes (the `kind` of _common.autotune)."""
     if INTERPRET:
         return "interpreter"
-    if named_args["Q"].dtype == torch.float32:
-        return "fp32"
-    return "16-bit, D = 128" if constexprs["HEAD_DIM"] == 128 else "16-bit, D <= 64"
+    operands = "fp32" if named_args["Q"].dtype == torch.float32 else "16-bit"
+    return f"{operands}, D = 128" if constexprs["HEAD_DIM"] == 128 else f"{operands}, D <= 64"
 
 
 def _autotune(blocks_by_kind: dict[str, list[tuple[int, int, int, int]]], names: tuple[str, str]):

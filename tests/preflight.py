@@ -371,7 +371,7 @@ def run(capability: int, sweep: str, only: str | None = None) -> Report:
         report.canary_failed_to_compile = _canary_fails()
         _report = report
         for name, workload in workloads(sweep).items():
-            if only and only not in name:
+            if only and not re.search(only, name):
                 continue
             _workload = name
             try:
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--capability", type=int, choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--sweep", choices=("quick", "full"), default="quick")
-    parser.add_argument("--only", help="run only the workloads whose name contains this text")
+    parser.add_argument("--only", help="run only the workloads whose name matches this regular expression")
     parser.add_argument("--out", help="where to write the JSON report")
     parser.add_argument("--summarize", nargs="+", metavar="REPORT", help="print a Markdown table of JSON reports")
     args = parser.parse_args(argv)
