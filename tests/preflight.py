@@ -9,7 +9,8 @@ every JITFunction launch is turned into a compile-only one (`warmup=True`). The 
 engine.kernels then run on CPU tensors of the model's shapes, so every compile sees exactly the
 specialization a GPU launch gets: argument dtypes, 16-byte pointer alignment, integers equal to 1
 or divisible by 16, the constexprs the launcher picks. The autotuner's benchmark function compiles
-each candidate instead of timing it, so every candidate is built; nothing executes.
+each candidate instead of timing it, and the tuner forgets its choice before every launch (its key
+leaves out the constexpr flags), so every candidate is built for every variant; nothing executes.
 
 For every compiled kernel the report holds its shared memory (Triton's metadata), and its
 registers and spills (ptxas -v run on its PTX; the result is cached next to the kernel in Triton's
@@ -177,6 +178,13 @@ def _compile_instead_of_timing(kernel_call, quantiles, **kwargs):
     return [1.0] * len(quantiles)
 
 
+def _tune_every_launch(self, *args, **kwargs):
+    """Autotuner.run that forgets earlier choices first: its key leaves out the constexpr flags (bias,
+    activation, dropout), so otherwise only the first launch of a key would compile every candidate."""
+    self.cache.clear()
+    return _original_tuner_run(self, *args, **kwargs)
+
+
 def _no_disk_cache(self, tuning_key, configs, bench_fn):
     """Never read or write autotune results on disk here: the constant timings are not timings."""
     bench_fn()
@@ -184,6 +192,7 @@ def _no_disk_cache(self, tuning_key, configs, bench_fn):
 
 
 _original_run = JITFunction.run
+_original_tuner_run = Autotuner.run
 
 
 @contextlib.contextmanager
@@ -193,9 +202,11 @@ def compile_only(capability: int):
     JITFunction.run = _compile_only_run
     check_disk_cache = Autotuner.check_disk_cache
     Autotuner.check_disk_cache = _no_disk_cache
+    Autotuner.run = _tune_every_launch
     try:
         yield
     finally:
+        Autotuner.run = _original_tuner_run
         Autotuner.check_disk_cache = check_disk_cache
         JITFunction.run = _original_run
         driver._active = previous
