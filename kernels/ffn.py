@@ -115,7 +115,7 @@ def _linear_gelu_kernel(x_ptr, w_ptr, bias_ptr, pre_ptr, h_ptr, M, N, K, M_BUCKE
     tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@autotune(CONFIGS, operand_kind("h_ptr"), _KEY)
+@autotune(CONFIGS, operand_kind("h_ptr", heavy_epilogue=lambda constexprs: constexprs["DROPOUT"]), _KEY)
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_residual_kernel(h_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, seed_ptr, dropout_p, M, N, K, M_BUCKET,
                             stride_hm, stride_hk, stride_wn, stride_wk, stride_rm, stride_rn,

@@ -14,7 +14,8 @@ keyed on power-of-two buckets of M, N and K, with the choice kept on disk (kerne
 The candidates were compiled for sm_90 and sm_80 by the pre-flight (tests/test_preflight.py): each
 fits both targets' shared memory and keeps its registers (the fused FFN epilogues included); the
 larger tiles that did not were dropped (16-bit: 128x256 and 256x128 with 8 warps, 128x128, 128x64 and
-64x128 with 4 warps, and 128x128 for the exact GELU's backward; fp32: 64x64x32 and 128x64x32).
+64x128 with 4 warps, and 128x128 for the exact GELU's backward and for dropout; fp32: 64x64x32 and
+128x64x32).
 Under TRITON_INTERPRET=1 there is one configuration with big blocks (the interpreter cannot autotune).
 """
 from __future__ import annotations
@@ -37,8 +38,8 @@ if INTERPRET:
 else:
     CONFIGS = {
         "16-bit": _configs([(128, 128, 64, 3, 8), (64, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 64, 64, 4, 4)]),
-        # An epilogue that holds several fp32 tiles and runs erf (the exact GELU's backward) spills
-        # registers with 128 x 128 tiles: 64 x 128 and 128 x 64 over 8 warps keep them.
+        # Epilogues that hold several fp32 tiles and run erf (the exact GELU's backward) or Philox
+        # (dropout) spill registers with 128 x 128 tiles: 64 x 128 and 128 x 64 over 8 warps keep them.
         "16-bit, heavy epilogue": _configs([(64, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 64, 64, 4, 4)]),
         # IEEE fp32 products run without tensor cores and need far more registers: small tiles.
         "fp32": _configs([(64, 128, 32, 3, 8), (32, 64, 32, 4, 4)]),
