@@ -30,7 +30,8 @@ def check_size(*tensors: torch.Tensor) -> None:
     """Kernels that index with 32-bit offsets take tensors of fewer than 2^31 elements."""
     for t in tensors:
         if t.numel() >= INT32_LIMIT:
-            raise ValueError(f"tensor of shape {tuple(t.shape)} has 2^31 or more elements; the kernels use 32-bit offsets")
+            raise ValueError(f"tensor of shape {tuple(t.shape)} has 2^31 or more elements; "
+                             "the kernels use 32-bit offsets")
 
 
 def launchable(device: torch.device) -> bool:

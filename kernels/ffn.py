@@ -245,7 +245,8 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: 
         HAS_BIAS=b1 is not None, STORE_PRE=store_pre, TANH=activation == "gelu_tanh", PRECISION=precision,
     )
     _linear_residual_kernel[grid(M, C)](
-        h, w2, b2 if b2 is not None else w2, residual, y, seed if seed is not None else y, dropout_p, M, C, F, bucket(M),
+        h, w2, b2 if b2 is not None else w2, residual, y, seed if seed is not None else y, dropout_p,
+        M, C, F, bucket(M),
         h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), residual.stride(0), residual.stride(1),
         HAS_BIAS=b2 is not None, DROPOUT=dropout_p > 0.0, PRECISION=precision,
     )

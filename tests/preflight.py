@@ -130,8 +130,9 @@ def _ptxas_usage(kernel) -> dict:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        log = subprocess.run([knobs.nvidia.ptxas.path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
-                              ptx, "-o", os.path.join(tmp, "kernel.o")], capture_output=True, text=True, check=True).stderr
+        command = [knobs.nvidia.ptxas.path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+                   ptx, "-o", os.path.join(tmp, "kernel.o")]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     usage = {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
@@ -401,7 +402,8 @@ def summary(reports: list[dict]) -> str:
     memory and spills over the flag combinations the sweep compiled."""
     lines = []
     for report in reports:
-        lines += [f"### sm_{report['capability']} ({report['sweep']} sweep, {len(report['compiled'])} kernels compiled)",
+        title = f"sm_{report['capability']} ({report['sweep']} sweep, {len(report['compiled'])} kernels compiled)"
+        lines += [f"### {title}",
                   "", "| kernel | candidate | warps | stages | registers | shared KB | spills (bytes) | variants |",
                   "|---|---|---|---|---|---|---|---|"]
         rows: dict[tuple, list] = {}
