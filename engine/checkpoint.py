@@ -5,6 +5,14 @@ the step, the RNG states (global torch, CUDA, and the data sampler's generator),
 and the tokenizer. It is written to a temporary file in the same folder, flushed, fsynced and
 renamed over the old one, so a crash at any moment leaves either the old or the new checkpoint.
 Loading uses `torch.load(weights_only=True)`: no arbitrary objects are unpickled.
+
+On the CPU a resumed run repeats the uninterrupted one bit for bit. On a GPU with the `triton`
+backend its kernels do too (none uses atomics, which tests/test_preflight.py checks, and autotune
+choices are kept in Triton's on-disk cache), with what remains: a resume on another machine, or with
+a cleared Triton cache, may time another tile shape and change last bits; so may the first run of
+several ranks, each tuning at once. PyTorch's own CUDA ops are outside this: the token embedding's
+backward adds with atomics unless torch.use_deterministic_algorithms(True), and the `torch`
+backend's SDPA backward may too.
 """
 from __future__ import annotations
 

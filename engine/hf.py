@@ -103,13 +103,15 @@ def check_gpt2_shaped(config: GPTConfig) -> None:
                          "Hugging Face GPT-2 folder: " + "; ".join(problems))
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """The config.json of a Hugging Face GPT-2 model with this architecture."""
-    end_of_text = 50256 if config.vocab_size == 50257 else None  # GPT-2's <|endoftext|>; none otherwise
+def hf_config(config: GPTConfig, vocab_size: int | None = None) -> dict:
+    """The config.json of a Hugging Face GPT-2 model with this architecture (and vocab_size words,
+    default the config's: see export_run for a padded vocabulary)."""
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    end_of_text = 50256 if vocab_size == 50257 else None  # GPT-2's <|endoftext|>; none otherwise
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
+        "vocab_size": vocab_size,
         "n_positions": config.max_seq_len,
         "n_embd": config.d_model,
         "n_layer": config.n_layers,
@@ -159,9 +161,12 @@ def engine_config(hf: dict, dropout: float) -> GPTConfig:
         raise UsageError(f"the Hugging Face config.json lacks {exc.args[0]!r}") from None
 
 
-def to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights under GPT2LMHeadModel's names and layouts (contiguous fp32 copies)."""
+def to_hf_tensors(model: GPT, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under GPT2LMHeadModel's names and layouts (contiguous fp32 copies), the
+    token embedding cut to its first vocab_size rows when given (a padded vocabulary's real words)."""
     state = model.state_dict()
+    if vocab_size is not None:
+        state["token_embedding.weight"] = state["token_embedding.weight"][:vocab_size]
     return {theirs: (state[ours].t() if transposed else state[ours]).float().contiguous().clone()
             for ours, theirs, transposed in weight_map(model.config)}
 
@@ -211,8 +216,14 @@ def export_run(checkpoint: Path, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
-    safetensors_torch.save_file(to_hf_tensors(model), str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+    # A vocabulary padded past the tokenizer's (the gpt2 preset's 50304, --vocab-size) exports the
+    # tokenizer's words only: the padding rows are never a target, and transformers' GPT-2 then gives
+    # the same logits for every real word. An import keeps the vocabulary it reads: padding it would
+    # add words with logit 0 to a tied head, changing GPT-2's distribution.
+    vocab_size = min(model.config.vocab_size, tokenizer.vocab_size)
+    safetensors_torch.save_file(to_hf_tensors(model, vocab_size), str(out_dir / WEIGHTS_NAME),
+                                metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(model.config, vocab_size), indent=2) + "\n")
     save_tokenizer(tokenizer, out_dir / ENGINE_TOKENIZER_NAME)
     if isinstance(tokenizer, BpeTokenizer):  # a standard tokenizer: AutoTokenizer.from_pretrained(out_dir) loads it
         save_tokenizer(tokenizer, out_dir / "tokenizer.json")

@@ -83,8 +83,10 @@ class GPTConfig:
         return cls(**values)
 
 
-# Presets by name. Training sets vocab_size from the tokenizer (gpt2's 50257 is GPT-2's BPE vocabulary,
-# which a nanoGPT folder of GPT-2 ids or an imported GPT-2 brings; --vocab-size may pad it).
+# Presets by name. Training sets vocab_size from the tokenizer (--vocab-size may pad it). gpt2's 50304
+# is GPT-2's BPE vocabulary of 50257 padded to a multiple of 64, as nanoGPT does: an odd row length
+# costs the LM head's matmuls and the cross-entropy kernels their vectorized and asynchronous loads.
+# The padding rows are never targets; engine.hf exports only the tokenizer's 50257.
 PRESETS: dict[str, dict] = {
     # About 250K parameters: trains to a readable loss on a laptop CPU in minutes.
     "toy": dict(d_model=64, n_heads=4, d_ff=256, n_layers=5, max_seq_len=128),
@@ -95,7 +97,7 @@ PRESETS: dict[str, dict] = {
     # the 8192-token BPE vocabulary it trains with (engine.train's PRESET_TRAINING), 19M on characters.
     "default": dict(d_model=512, n_heads=8, d_ff=2048, n_layers=6, max_seq_len=256),
     # GPT-2 small (124M): learned positions, tanh GELU, 1024 context, BPE vocabulary.
-    "gpt2": dict(vocab_size=50257, d_model=768, n_heads=12, d_ff=3072, n_layers=12, max_seq_len=1024,
+    "gpt2": dict(vocab_size=50304, d_model=768, n_heads=12, d_ff=3072, n_layers=12, max_seq_len=1024,
                  pos_encoding="learned", activation="gelu_tanh"),
 }
 

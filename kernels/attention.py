@@ -47,42 +47,42 @@ Caveats:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from engine.kernels._common import DTYPES, INTERPRET, autotune, bucket, dot_precision, launchable
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = DTYPES
 LOG2_E = tl.constexpr(1.4426950408889634)  # 1 / ln(2): exp(x) = exp2(x * LOG2_E)
 LN_2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN_2
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # Candidate block sizes: (rows owned by a program, rows per inner step, num_warps, num_stages), per
 # kind of input; the autotuner times them on the GPU. The owned block must be a multiple of the step
-# (the causal split into unmasked and diagonal steps relies on it). The 16-bit lists were checked by
-# compiling each entry for sm_90 with Triton 3.6 (bf16, D = 64 and 128) and reading ptxas' report:
-# they fit in shared memory and do not spill registers (one spills 4 bytes), where for example
-# 128-row blocks with 4 warps at D = 128 spill kilobytes. fp32 runs tl.dot without tensor cores
-# (exact "ieee" products), which needs far more registers: small tiles, and they still spill.
+# (the causal split into unmasked and diagonal steps relies on it). Every entry is compiled for sm_90
+# and sm_80 by the pre-flight (tests/test_preflight.py), which keeps only those that fit shared
+# memory and do not spill registers on either; it dropped (forward) 128x64 with 4 warps at D <= 64;
+# 128x64, 128x128 and 128x32 at D = 128 (spilling up to 324 bytes on sm_80); (backward) 64x32 with 4
+# warps at D <= 64, 128x32 and 128x16 at D = 128. fp32 runs tl.dot without tensor cores (exact "ieee"
+# products), which needs far more registers: small tiles, and at D = 128 only 16 x 16 keeps them.
 # The interpreter gets one configuration with big blocks: its cost grows with programs x loop steps.
-if INTERPRETING:
+if INTERPRET:
     _FORWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
     _BACKWARD_BLOCKS = {"interpreter": [(64, 64, 4, 1)]}
 else:
     _FORWARD_BLOCKS = {
-        "16-bit, D <= 64": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                            (64, 32, 4, 4)],
-        "16-bit, D = 128": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3)],
-        "fp32": [(32, 32, 4, 2), (64, 32, 8, 2)],
+        "16-bit, D <= 64": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)],
+        "16-bit, D = 128": [(64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3)],
+        "fp32, D <= 64": [(32, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+        "fp32, D = 128": [(16, 16, 4, 2)],
     }
     _BACKWARD_BLOCKS = {
-        "16-bit, D <= 64": [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3),
-                            (64, 16, 4, 4)],
-        "16-bit, D = 128": [(64, 32, 8, 3), (128, 32, 8, 4), (128, 16, 8, 3), (64, 16, 8, 3)],
-        "fp32": [(32, 16, 4, 2), (32, 32, 8, 2)],
+        "16-bit, D <= 64": [(128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 8, 3), (128, 16, 8, 3), (64, 16, 4, 4)],
+        "16-bit, D = 128": [(64, 32, 8, 3), (64, 16, 8, 3)],
+        "fp32, D <= 64": [(32, 16, 4, 2), (32, 32, 8, 2)],
+        "fp32, D = 128": [(16, 16, 4, 2)],
     }
 _DELTA_BLOCK_M = 64
 # Autotuning is keyed on power-of-two buckets of the lengths (plus D, causal and the dtypes), so
@@ -94,26 +94,20 @@ _TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
 _GENERIC_INTEGERS = ["H", "T_Q", "T_K", "Q_BUCKET", "K_BUCKET"]
 
 
-def _input_kind(head_dim: int, dtype: torch.dtype) -> str:
-    if INTERPRETING:
+def _input_kind(named_args: dict, constexprs: dict) -> str:
+    """Which candidate list a launch takes (the `kind` of _common.autotune)."""
+    if INTERPRET:
         return "interpreter"
-    if dtype == torch.float32:
-        return "fp32"
-    return "16-bit, D = 128" if head_dim == 128 else "16-bit, D <= 64"
+    operands = "fp32" if named_args["Q"].dtype == torch.float32 else "16-bit"
+    return f"{operands}, D = 128" if constexprs["HEAD_DIM"] == 128 else f"{operands}, D <= 64"
 
 
 def _autotune(blocks_by_kind: dict[str, list[tuple[int, int, int, int]]], names: tuple[str, str]):
-    """@triton.autotune over every listed configuration, pruned at launch to the inputs' kind."""
-    blocks = list(dict.fromkeys(block for blocks in blocks_by_kind.values() for block in blocks))
-    configs = [triton.Config({names[0]: major, names[1]: minor}, num_warps=warps, num_stages=stages)
-               for major, minor, warps, stages in blocks]
-
-    def keep_inputs_kind(configs, named_args, **kwargs):
-        wanted = blocks_by_kind[_input_kind(kwargs["HEAD_DIM"], named_args["Q"].dtype)]
-        return [config for config in configs
-                if (config.kwargs[names[0]], config.kwargs[names[1]], config.num_warps, config.num_stages) in wanted]
-
-    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": keep_inputs_kind})
+    """@triton.autotune over every listed (major, minor, warps, stages) block, pruned at launch to the inputs' kind."""
+    configs_by_kind = {kind: [triton.Config({names[0]: major, names[1]: minor}, num_warps=warps, num_stages=stages)
+                              for major, minor, warps, stages in blocks]
+                       for kind, blocks in blocks_by_kind.items()}
+    return autotune(configs_by_kind, _input_kind, _TUNING_KEY)
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -289,8 +283,10 @@ def _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m
 
         S  = s Q K^T       P = exp(S - lse)       dP = dO V^T       dS = P * (dP - Delta)
         dQ += dS K         (times s, applied once by the caller)
-    Key rows >= T_K load as zeros: their P entries are finite and K = 0 there, so dS K gets nothing
-    from them. MASKED applies the causal mask (key <= query) on the diagonal block.
+    Key rows >= T_K (the ragged last block) load as zeros, and their P entries are set to 0: left as
+    exp2(0 - lse) they overflow to inf where lse is very negative (fp16 scores, lse below about -11),
+    and inf * 0 (their K rows) would be NaN in valid rows. MASKED applies the causal mask
+    (key <= query) on the diagonal block.
     """
     offs_n = lo + tl.arange(0, BLOCK_N)
     k_ptrs = K + offs_n[:, None] * stride_kt + offs_d[None, :]  # (BLOCK_N, D)
@@ -303,8 +299,10 @@ def _backward_dq_steps(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, offs_m
         v = tl.load(v_ptrs, mask=key_in_bounds[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
+        visible = key_in_bounds[None, :]
         if MASKED:
-            p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+            visible = visible & (offs_m[:, None] >= offs_n[None, :])
+        p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -423,10 +421,10 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     if q.shape[3] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dimension D={q.shape[3]} (last dim of q) is not supported; "
                          f"supported: {SUPPORTED_HEAD_DIMS}")
-    if q.device.type != "cuda" and not INTERPRETING:
+    if not launchable(q.device):
         raise ValueError(f"the triton attention kernels need CUDA tensors (got {q.device}); "
                          "set TRITON_INTERPRET=1 before importing triton to run them on the CPU")
-    if INTERPRETING and q.dtype == torch.bfloat16:
+    if INTERPRET and q.dtype == torch.bfloat16:
         raise ValueError("bf16 attention is not supported under TRITON_INTERPRET=1: Triton 3.6's interpreter "
                          "computes bf16 tl.dot wrongly; use fp32 or fp16 on the CPU, bf16 on a GPU")
 
@@ -441,16 +439,9 @@ def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """'ieee' (exact fp32 products) for fp32 unless PyTorch's matmul precision allows TF32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"  # the default; it only affects fp32 operands
-
-
 def _lengths(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
     """T_Q, T_K and their power-of-two buckets (the autotuning key)."""
-    return q.shape[2], k.shape[2], triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2])
+    return q.shape[2], k.shape[2], bucket(q.shape[2]), bucket(k.shape[2])
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -467,7 +458,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     _attention_forward_kernel[lambda meta: (B * H, triton.cdiv(T_Q, meta["BLOCK_M"]))](
         q, k, v, out, lse, float(scale), H, *_lengths(q, k),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype),
+        HEAD_DIM=D, IS_CAUSAL=bool(causal), DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
 
@@ -485,7 +476,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     do, q, k, v, out = (_kernel_layout(t) for t in (do, q, k, v, out))
     lse = lse.contiguous()
     B, H, T_Q, D = q.shape
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
 
     delta = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
     _attention_delta_kernel[(B * H, triton.cdiv(T_Q, _DELTA_BLOCK_M))](

@@ -23,11 +23,19 @@ holding the (N, V) logits. The tokens are processed in chunks of R rows:
     Z_c  = x_c @ W^T                  (R, V) in x's dtype (torch matmul)
     loss rows and G_c = dL/dZ_c       this file's kernel, G_c written over Z_c
     dx_c = G_c @ W                    (torch matmul, written into dx)
-    dW  += G_c^T @ x_c                (kernels/ffn.py's Triton matmul, accumulating in an fp32 buffer
+    dW  += G_c^T @ x_c                (kernels/matmul.py, accumulating in an fp32 buffer
                                        so that many chunks do not add up bf16 rounding errors)
-The gradients are computed in the forward, for an upstream gradient of 1, and scaled by the
-actual upstream gradient in the backward. The peak extra memory is one chunk of logits plus dx and
-an fp32 dW; R is chosen so that a chunk holds about 2^26 logits (R = 1024 for GPT-2's 50257 words).
+The gradients are computed in the forward for S times the SUM of the row losses: G_c = S (softmax
+- onehot), 0 for ignored rows, with S a power of two (GRAD_SCALE: 1024 for fp16, whose exponent range
+is narrow, 1 for bf16 and fp32), written in x's dtype over the logits. dW accumulates in fp32 and
+stays fp32. The backward multiplies dx and dW by (upstream gradient) / (S n_valid) in fp32 and rounds
+once. Applying the mean's 1/n_valid in the forward instead would push G_c's small entries (p_j / N,
+about 2e-9 at GPT-2's vocabulary and 10^4 tokens) below fp16's smallest subnormal (6e-8): stored as
+zeros before GradScaler's loss scale (applied to the upstream gradient) could lift them. With S =
+1024, p_j down to 6e-8 / 1024 stays representable, and |dx| <= 2 S max|W| stays far from fp16's
+65504 for any trained weight. The peak extra memory is one
+chunk of logits plus dx and an fp32 dW; R is chosen so that a chunk holds about 2^26 logits
+(R = 1024 for GPT-2's vocabulary).
 
 Targets must lie in [0, V) or equal ignore_index. Checking that would need a host sync, so it is
 not checked; a row with any other target gets a NaN loss instead of a silently wrong one.
@@ -35,18 +43,16 @@ Supported dtypes: logits, x and W in fp32, fp16 or bf16 (x and W alike); targets
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernels.ffn import matmul
+from engine.kernels._common import DTYPES, INTERPRET
+from engine.kernels.matmul import matmul
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHUNK_LOGITS = 2**26
+# S of the module docstring: the fused op's logits gradient is written at this scale, per dtype.
+GRAD_SCALE = {torch.float16: 1024.0, torch.bfloat16: 1.0, torch.float32: 1.0}
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -79,10 +85,11 @@ def _write_rows_grad(row_ptrs, grad_row_ptrs, row_ok, lse, target, scale, V, BLO
 
 
 @triton.jit
-def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, n_valid_ptr, N, V, ignore_index,
+def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr, N, V, ignore_index, grad_scale,
                           WRITE_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Per row: lse, loss = lse - z_t (0 if ignored, NaN if t is out of range); with WRITE_GRAD, the
-    gradient of the mean loss (upstream gradient 1) over the row's logits, in place."""
+    """Per row: lse, loss = lse - z_t (0 if ignored, NaN if t is out of range); with WRITE_GRAD,
+    grad_scale times the gradient of the row's loss, (softmax - onehot) (0 if ignored), over its
+    logits, in place."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < N
     # Rows past N read row N - 1 again (so every row has finite statistics) and store nothing.
@@ -96,8 +103,7 @@ def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, loss_ptr, lse_ptr
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     if WRITE_GRAD:
-        scale = tl.where(valid, 1.0 / tl.load(n_valid_ptr).to(tl.float32), 0.0)
-        _write_rows_grad(row_ptrs, row_ptrs, row_ok, lse, target, scale, V, BLOCK_V)
+        _write_rows_grad(row_ptrs, row_ptrs, row_ok, lse, target, tl.where(valid, grad_scale, 0.0), V, BLOCK_V)
 
 
 @triton.jit
@@ -119,7 +125,7 @@ def _cross_entropy_backward_kernel(logits_ptr, stride_row, grad_ptr, targets_ptr
 def _blocks(V: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_V, num_warps): blocks of about 4K logits on a GPU (one row of a large
     vocabulary per program, many rows of a small one); 16K in the interpreter, whose cost is per program."""
-    budget = 16384 if _INTERPRET else 4096
+    budget = 16384 if INTERPRET else 4096
     block_v = min(triton.next_power_of_2(V), budget)
     block_rows = max(1, budget // block_v)
     return block_rows, block_v, 8 if block_rows * block_v >= 4096 else 4
@@ -135,8 +141,8 @@ def _check_targets(targets: torch.Tensor, rows: int, device: torch.device) -> No
 def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be (rows, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
-        raise ValueError(f"logits have dtype {logits.dtype}; supported: {_DTYPES}")
+    if logits.dtype not in DTYPES:
+        raise ValueError(f"logits have dtype {logits.dtype}; supported: {DTYPES}")
     _check_targets(targets, logits.shape[0], logits.device)
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
@@ -157,7 +163,7 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor,
     if N > 0:
         block_rows, block_v, num_warps = _blocks(V)
         _cross_entropy_kernel[(triton.cdiv(N, block_rows),)](
-            logits, logits.stride(0), targets, losses, lse, n_valid, N, V, ignore_index,
+            logits, logits.stride(0), targets, losses, lse, N, V, ignore_index, 1.0,
             WRITE_GRAD=False, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
         )
     return losses.sum() / n_valid, lse
@@ -186,18 +192,21 @@ def default_chunk_rows(rows: int, vocab: int) -> int:
 
 def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  ignore_index: int = -1, grad_x: bool = True, grad_weight: bool = True,
-                                 chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 chunk_rows: int | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean cross_entropy(x @ weight^T, targets) without the full (N, V) logits.
 
-    x (N, d) and weight (V, d) of one dtype; targets (N,). Returns (loss, dx, dweight): the 0-dim
-    fp32 loss and the gradients of the loss (for an upstream gradient of 1) with respect to x (N, d)
-    and weight (V, d) in their dtype; a gradient not asked for (grad_x / grad_weight False) is an
-    empty tensor and costs nothing. chunk_rows: tokens per chunk (default: default_chunk_rows).
+    x (N, d) and weight (V, d) of one dtype; targets (N,). Returns (loss, dx, dweight, divisor): the
+    0-dim fp32 loss; the gradients of S times the SUM of the row losses with respect to x (N, d, in
+    x's dtype) and weight (V, d, fp32); and divisor = S * n_valid (0-dim fp32), so that the mean
+    loss's gradients are dx / divisor and dweight / divisor (the module docstring says why they are
+    not divided here). A gradient not asked for (grad_x / grad_weight False) is an empty tensor
+    and costs nothing. chunk_rows: tokens per chunk (default: default_chunk_rows).
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be (N, d) and weight (V, d); got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if x.dtype != weight.dtype or x.dtype not in _DTYPES:
-        raise ValueError(f"x and weight must share a dtype among {_DTYPES}; got {x.dtype} and {weight.dtype}")
+    if x.dtype != weight.dtype or x.dtype not in DTYPES:
+        raise ValueError(f"x and weight must share a dtype among {DTYPES}; got {x.dtype} and {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
     N, d = x.shape
@@ -213,7 +222,7 @@ def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets:
     lse = torch.empty((N,), dtype=torch.float32, device=x.device)
     n_valid = _count_valid(targets, ignore_index)
     dx = torch.empty((N, d) if grad_x else (0,), dtype=x.dtype, device=x.device)
-    dweight32 = torch.zeros((V, d) if grad_weight else (0,), dtype=torch.float32, device=x.device)
+    dweight = torch.zeros((V, d) if grad_weight else (0,), dtype=torch.float32, device=x.device)
     block_rows, block_v, num_warps = _blocks(V)
     # The matmuls run in x's dtype whatever autocast says: the caller chose that dtype.
     with torch.autocast(x.device.type, enabled=False):
@@ -222,12 +231,11 @@ def linear_cross_entropy_forward(x: torch.Tensor, weight: torch.Tensor, targets:
             x_chunk = x[start:end]  # (R, d)
             logits = x_chunk @ weight.t()  # (R, V); overwritten by its gradient below
             _cross_entropy_kernel[(triton.cdiv(end - start, block_rows),)](
-                logits, logits.stride(0), targets[start:end], losses[start:end], lse[start:end], n_valid, end - start,
-                V, ignore_index, WRITE_GRAD=write_grad, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
+                logits, logits.stride(0), targets[start:end], losses[start:end], lse[start:end], end - start,
+                V, ignore_index, GRAD_SCALE[x.dtype], WRITE_GRAD=write_grad, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
             )
             if grad_x:
                 torch.mm(logits, weight, out=dx[start:end])  # (R, d)
             if grad_weight:
-                matmul(logits.t(), x_chunk, out=dweight32, accumulate=True)  # (V, d) += (V, R) @ (R, d)
-    dweight = dweight32.to(weight.dtype) if grad_weight else weight.new_empty((0,))
-    return losses.sum() / n_valid, dx, dweight
+                matmul(logits.t(), x_chunk, out=dweight, accumulate=True)  # (V, d) += (V, R) @ (R, d), fp32
+    return losses.sum() / n_valid, dx, dweight, n_valid * GRAD_SCALE[x.dtype]

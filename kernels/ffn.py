@@ -18,11 +18,12 @@ Backward (dy is the gradient of y):
     dout = dy * keep / (1 - p)       the dropout mask regenerated from the seed (dout = dy when p = 0)
     db2  = sum_rows dout
     dh   = dout @ W2                 _linear_gelu_backward_kernel, whose epilogue also computes
-    dpre = dh * gelu'(pre)             dpre, h = gelu(pre) and db1 = sum_rows dpre (fp32 atomics,
-    db1  = sum_rows dpre               so its summation order, and last bits, vary run to run)
-    dW2  = dout^T @ h                _matmul_kernel
-    dW1  = dpre^T @ x                _matmul_kernel
-    dx   = dpre @ W1                 _matmul_kernel
+    dpre = dh * gelu'(pre)             dpre, h = gelu(pre) and each row tile's column sums of dpre
+    db1  = sum_rows dpre               (fp32, one row of partial sums per tile, added up afterwards:
+                                       no atomics, so db1 is bitwise repeatable)
+    dW2  = dout^T @ h                kernels/matmul.py
+    dW1  = dpre^T @ x                kernels/matmul.py
+    dx   = dpre @ W1                 kernels/matmul.py
 
 GELU, exact (activation "gelu") and GPT-2's tanh form ("gelu_tanh"), in fp32:
     gelu(u)  = u * Phi(u),  Phi(u) = (1 + erf(u / sqrt(2))) / 2
@@ -41,43 +42,32 @@ it stores. Supported dtypes: fp32, fp16, bf16 (x, W1, b1, W2, b2 share one dtype
 differ, and y takes the promoted dtype of the two, as `residual + out` would). Tensors must have
 fewer than 2^31 elements (offsets are 32-bit).
 
-Tuning: on a GPU each kernel is autotuned over a few tile shapes sized for an H100; under
+Tuning: on a GPU each kernel is autotuned over kernels/matmul.py's tile shapes (per kind of
+operand, 16-bit or fp32), keyed on a power-of-two bucket of M (the token count, which changes with
+the batch shape) and on N and K (the model's widths); the choice is kept on disk. Under
 TRITON_INTERPRET=1 there is one fixed configuration (the interpreter cannot autotune).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from engine.kernels._common import DTYPES, INT32_LIMIT, autotune, bucket, check_size, dot_precision
+from engine.kernels.matmul import CONFIGS, MIN_BLOCK_M, grid, matmul, matmul_tile, operand_kind, tile_ids
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
-_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
-_TANH_K = 0.7978845608028654  # sqrt(2 / pi)
-_TANH_A = 0.044715
+# Constants read inside @triton.jit functions must be tl.constexpr: a plain module-level float runs
+# in the interpreter but fails every real compile ("Cannot access global variable"); the pre-flight
+# (tests/test_preflight.py) compiles every kernel for sm_90 and sm_80 to catch that class.
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_TANH_K = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+_TANH_A = tl.constexpr(0.044715)
 
 
-def _matmul_configs() -> list[triton.Config]:
-    """Tile shapes to autotune over: (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)."""
-    if _INTERPRET:
-        # Interpreter cost grows with programs x loop steps, not with block size: big blocks.
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 64, 3, 8),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 4),  # fits fp32 operands, whose wider tiles run out of shared memory
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for m, n, k, s, w in shapes]
+# Autotuning key: the token count M varies (batch shapes, sampling without the cache), the widths do not.
+_KEY = ["M_BUCKET", "N", "K"]
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -86,66 +76,30 @@ def _matmul_configs() -> list[triton.Config]:
 def _gelu(u, TANH: tl.constexpr):
     if TANH:
         return u * tl.sigmoid(2.0 * _TANH_K * (u + _TANH_A * u * u * u))
-    return 0.5 * u * (1.0 + tl.math.erf(u * _SQRT_HALF))
+    return u * (0.5 * (1.0 + tl.math.erf(u * _SQRT_HALF)))  # the same rounding as _gelu_and_grad's
 
 
 @triton.jit
-def _gelu_grad(u, TANH: tl.constexpr):
+def _gelu_and_grad(u, TANH: tl.constexpr):
+    """(gelu(u), gelu'(u)), computing their costly term (erf, or the sigmoid) once: the backward
+    epilogue holds several fp32 tiles already (kernels/matmul.py gives the erf one smaller tiles)."""
     if TANH:
         s = tl.sigmoid(2.0 * _TANH_K * (u + _TANH_A * u * u * u))
-        return s + u * s * (1.0 - s) * (2.0 * _TANH_K) * (1.0 + 3.0 * _TANH_A * u * u)
+        return u * s, s + u * s * (1.0 - s) * (2.0 * _TANH_K) * (1.0 + 3.0 * _TANH_A * u * u)
     cdf = 0.5 * (1.0 + tl.math.erf(u * _SQRT_HALF))
-    return cdf + u * _INV_SQRT_2PI * tl.exp(-0.5 * u * u)
+    return u * cdf, cdf + u * _INV_SQRT_2PI * tl.exp(-0.5 * u * u)
 
 
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (pid_m, pid_n), visiting GROUP_M row tiles per column sweep
-    so that neighbouring programs share operand tiles in L2."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
-    return pid_m, pid_n
-
-
-@triton.jit
-def _matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 tile acc = A[rows of pid_m, :] @ B[:, columns of pid_n] for A (M, K) and B (K, N) given by strides.
-    Rows and columns past the edges load as zeros."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    in_m = offs_m[:, None] < M
-    in_n = offs_n[None, :] < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=in_m & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & in_n, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
-
-
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
-@triton.jit
-def _linear_gelu_kernel(x_ptr, w_ptr, bias_ptr, pre_ptr, h_ptr, M, N, K,
+@autotune(CONFIGS, operand_kind("x_ptr"), _KEY)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_gelu_kernel(x_ptr, w_ptr, bias_ptr, pre_ptr, h_ptr, M, N, K, M_BUCKET,
                         stride_xm, stride_xk, stride_wn, stride_wk,
                         HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, TANH: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """pre = x @ W^T + bias and h = gelu(pre), both (M, N) contiguous; x (M, K), W (N, K)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, pid_m, pid_n,
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, pid_m, pid_n,
                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,16 +115,16 @@ def _linear_gelu_kernel(x_ptr, w_ptr, bias_ptr, pre_ptr, h_ptr, M, N, K,
     tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
-@triton.jit
-def _linear_residual_kernel(h_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, seed_ptr, dropout_p, M, N, K,
+@autotune(CONFIGS, operand_kind("h_ptr", heavy_epilogue=lambda constexprs: constexprs["DROPOUT"]), _KEY)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_residual_kernel(h_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, seed_ptr, dropout_p, M, N, K, M_BUCKET,
                             stride_hm, stride_hk, stride_wn, stride_wk, stride_rm, stride_rn,
                             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr):
     """y = residual + dropout(h @ W^T + bias), y (M, N) contiguous; h (M, K), W (N, K), residual (M, N)."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _matmul_tile(h_ptr, w_ptr, M, N, K, stride_hm, stride_hk, stride_wk, stride_wn, pid_m, pid_n,
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = matmul_tile(h_ptr, w_ptr, M, N, K, stride_hm, stride_hk, stride_wk, stride_wn, pid_m, pid_n,
                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,49 +140,35 @@ def _linear_residual_kernel(h_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, seed_ptr, dr
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"], reset_to_zero=["db_ptr"])
-@triton.jit
-def _linear_gelu_backward_kernel(dout_ptr, w_ptr, pre_ptr, dpre_ptr, h_ptr, db_ptr, M, N, K,
+# Timing candidates of different BLOCK_M fills different rows of the partial sums: zero them in between.
+@autotune(CONFIGS, operand_kind("dout_ptr", heavy_epilogue=lambda constexprs: not constexprs["TANH"]), _KEY,
+          reset_to_zero=["db_partial_ptr"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_gelu_backward_kernel(dout_ptr, w_ptr, pre_ptr, dpre_ptr, h_ptr, db_partial_ptr, M, N, K, M_BUCKET,
                                  stride_dm, stride_dk, stride_wk, stride_wn,
                                  HAS_BIAS: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  GROUP_M: tl.constexpr):
-    """dpre = (dout @ W) * gelu'(pre), h = gelu(pre), db += column sums of dpre.
+    """dpre = (dout @ W) * gelu'(pre), h = gelu(pre), db_partial[pid_m] = this row tile's column sums of dpre.
 
-    dout (M, K), W (K, N) (W2 in its nn.Linear layout); pre, dpre, h (M, N) contiguous; db (N,) fp32, zeroed.
+    dout (M, K), W (K, N) (W2 in its nn.Linear layout); pre, dpre, h (M, N) contiguous; db_partial
+    (at least cdiv(M, BLOCK_M), N) fp32, zeroed: each element has one writer, so no atomics.
     """
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    dh = _matmul_tile(dout_ptr, w_ptr, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, pid_m, pid_n,
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    dh = matmul_tile(dout_ptr, w_ptr, M, N, K, stride_dm, stride_dk, stride_wk, stride_wn, pid_m, pid_n,
                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     offsets = offs_m[:, None] * N + offs_n[None, :]
     pre = tl.load(pre_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dpre = dh * _gelu_grad(pre, TANH)
+    h, gelu_grad = _gelu_and_grad(pre, TANH)
+    dpre = dh * gelu_grad
     tl.store(dpre_ptr + offsets, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_ptr + offsets, _gelu(pre, TANH).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=mask)
     if HAS_BIAS:
         # Rows past M loaded as zeros, so their dpre is zero and adds nothing.
-        tl.atomic_add(db_ptr + offs_n, tl.sum(dpre, axis=0), mask=offs_n < N)
-
-
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"], restore_value=["c_ptr"])
-@triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """C = A @ B, or C += A @ B when ACCUMULATE (added in fp32 before C's rounding); all by strides."""
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(db_partial_ptr + pid_m * N + offs_n, tl.sum(dpre, axis=0), mask=offs_n < N)
 
 
 @triton.jit
@@ -246,56 +186,6 @@ def _dropout_backward_kernel(dy_ptr, dout_ptr, seed_ptr, dropout_p, M, N, stride
 
 
 # ----------------------------------------------------------------------------- launchers
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INT32_LIMIT = 2**31
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot's input precision: for fp32 operands IEEE unless PyTorch's own fp32 matmul setting
-    allows TF32; 16-bit operands always take the tensor-core path ("tf32" is the default that leaves it be)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _grid(M: int, N: int):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-
-def _check_size(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.numel() >= _INT32_LIMIT:
-            raise ValueError(f"tensor of shape {tuple(t.shape)} has 2^31 or more elements; the kernels use 32-bit offsets")
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
-    """out = a @ b (or out += a @ b with accumulate=True, summed in fp32 before out's rounding).
-
-    a (M, K) and b (K, N) of one dtype, any strides (transposed views are fine); out (M, N), any
-    float dtype and strides, allocated in a's dtype when not given.
-    """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"matmul needs a (M, K) and b (K, N); got a {tuple(a.shape)}, b {tuple(b.shape)}")
-    if a.dtype != b.dtype or a.dtype not in _DTYPES:
-        raise ValueError(f"matmul needs a and b of one dtype among {_DTYPES}; got {a.dtype} and {b.dtype}")
-    M, K = a.shape
-    N = b.shape[1]
-    if out is None:
-        if accumulate:
-            raise ValueError("matmul with accumulate=True needs `out`")
-        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    if out.shape != (M, N):
-        raise ValueError(f"matmul: out has shape {tuple(out.shape)}, expected {(M, N)}")
-    _check_size(a, b, out)
-    if M == 0 or N == 0:
-        return out
-    _matmul_kernel[_grid(M, N)](
-        a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, PRECISION=_precision(a.dtype),
-    )
-    return out
-
 
 def _check_ffn_inputs(x, w1, b1, w2, b2, residual, activation, dropout_p) -> None:
     if activation not in ACTIVATIONS:
@@ -316,15 +206,15 @@ def _check_ffn_inputs(x, w1, b1, w2, b2, residual, activation, dropout_p) -> Non
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} for x {tuple(x.shape)}")
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device}, x on {x.device}")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x has dtype {x.dtype}; supported: {_DTYPES}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; supported: {DTYPES}")
     for name, tensor in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if tensor is not None and tensor.dtype != x.dtype:
             raise ValueError(f"{name} has dtype {tensor.dtype}, x has {x.dtype}; they must match")
-    if residual.dtype not in _DTYPES:
-        raise ValueError(f"residual has dtype {residual.dtype}; supported: {_DTYPES}")
-    _check_size(x, w1, w2, residual)
-    if M * F >= _INT32_LIMIT:
+    if residual.dtype not in DTYPES:
+        raise ValueError(f"residual has dtype {residual.dtype}; supported: {DTYPES}")
+    check_size(x, w1, w2, residual)
+    if M * F >= INT32_LIMIT:
         raise ValueError(f"the hidden activation ({M}, {F}) has 2^31 or more elements; the kernels use 32-bit offsets")
 
 
@@ -348,14 +238,15 @@ def ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: 
     y = torch.empty((M, C), dtype=torch.promote_types(residual.dtype, x.dtype), device=x.device)
     if M == 0:
         return y, pre
-    precision = _precision(x.dtype)
-    _linear_gelu_kernel[_grid(M, F)](
-        x, w1, b1 if b1 is not None else w1, pre if store_pre else h, h, M, F, C,
+    precision = dot_precision(x.dtype)
+    _linear_gelu_kernel[grid(M, F)](
+        x, w1, b1 if b1 is not None else w1, pre if store_pre else h, h, M, F, C, bucket(M),
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1),
         HAS_BIAS=b1 is not None, STORE_PRE=store_pre, TANH=activation == "gelu_tanh", PRECISION=precision,
     )
-    _linear_residual_kernel[_grid(M, C)](
-        h, w2, b2 if b2 is not None else w2, residual, y, seed if seed is not None else y, dropout_p, M, C, F,
+    _linear_residual_kernel[grid(M, C)](
+        h, w2, b2 if b2 is not None else w2, residual, y, seed if seed is not None else y, dropout_p,
+        M, C, F, bucket(M),
         h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), residual.stride(0), residual.stride(1),
         HAS_BIAS=b2 is not None, DROPOUT=dropout_p > 0.0, PRECISION=precision,
     )
@@ -389,14 +280,18 @@ def ffn_backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.
     db2 = dout.sum(dim=0, dtype=torch.float32).to(x.dtype) if has_b2 else x.new_empty((0,))
     dpre = torch.empty((M, F), dtype=x.dtype, device=x.device)
     h = torch.empty((M, F), dtype=x.dtype, device=x.device)
-    db1 = torch.zeros((F if has_b1 else 1,), dtype=torch.float32, device=x.device)
-    precision = _precision(x.dtype)
+    # One row of column sums per row tile of the smallest candidate BLOCK_M (larger tiles fill fewer rows).
+    db1_partial = torch.zeros((triton.cdiv(M, MIN_BLOCK_M), F) if has_b1 else (1,), dtype=torch.float32,
+                              device=x.device)
+    precision = dot_precision(x.dtype)
     if M > 0:
-        _linear_gelu_backward_kernel[_grid(M, F)](
-            dout, w2, pre, dpre, h, db1, M, F, C, dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1),
+        _linear_gelu_backward_kernel[grid(M, F)](
+            dout, w2, pre, dpre, h, db1_partial, M, F, C, bucket(M),
+            dout.stride(0), dout.stride(1), w2.stride(0), w2.stride(1),
             HAS_BIAS=has_b1, TANH=activation == "gelu_tanh", PRECISION=precision,
         )
     dw2 = matmul(dout.t(), h)  # (C, F)
     dw1 = matmul(dpre.t(), x)  # (F, C)
     dx = matmul(dpre, w1)  # (M, C)
-    return dx, dw1, db1.to(x.dtype) if has_b1 else x.new_empty((0,)), dw2, db2
+    db1 = db1_partial.sum(dim=0).to(x.dtype) if has_b1 else x.new_empty((0,))
+    return dx, dw1, db1, dw2, db2

@@ -18,16 +18,13 @@ from x's; bias may be None. Statistics and all arithmetic are fp32; outputs are 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from engine.kernels._common import DTYPES, INTERPRET
 
 MAX_HIDDEN = 16384
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -52,7 +49,9 @@ def _layer_norm_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, N
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+# rows_per_program depends on the GPU's SM count and N only bounds loops and masks: not specialized
+# (divisibility by 16), so every GPU, and the CPU pre-flight, build the same binary.
+@triton.jit(do_not_specialize=["N", "rows_per_program"])
 def _layer_norm_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
                                 N, C, stride_dy, stride_x, rows_per_program,
                                 HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -92,7 +91,7 @@ def _blocks(C: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_ROWS, num_warps): a whole row per block, several short rows per program."""
     block_c = triton.next_power_of_2(C)
     # About 4K values per program on a GPU (16K in the interpreter, whose cost is per program).
-    block_rows = max(1, min(64, (16384 if _INTERPRET else 4096) // block_c))
+    block_rows = max(1, min(64, (16384 if INTERPRET else 4096) // block_c))
     num_warps = 4 if block_c * block_rows <= 4096 else 8 if block_c <= 8192 else 16
     return block_c, block_rows, num_warps
 
@@ -104,8 +103,8 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if not 1 <= C <= MAX_HIDDEN:
         raise ValueError(f"hidden size {C} is outside the supported range 1..{MAX_HIDDEN}")
     for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {_DTYPES}")
+        if tensor is not None and tensor.dtype not in DTYPES:
+            raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {DTYPES}")
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and (tuple(tensor.shape) != (C,) or tensor.device != x.device):
             raise ValueError(f"{name} must have shape ({C},) on {x.device}; got {tuple(tensor.shape)} on {tensor.device}")

@@ -117,8 +117,11 @@ def test_linear_cross_entropy_in_many_chunks_equals_one_chunk():
     chunk, and within the 2x rule of the reference (dweight sums the chunks in fp32)."""
     x, weight = torch.randn(129, 96).half(), (torch.randn(1000, 96) / 5).half()
     targets = make_targets(129, 1000, True)
-    whole = kernel.linear_cross_entropy_forward(x, weight, targets, chunk_rows=129)
-    chunked = kernel.linear_cross_entropy_forward(x, weight, targets, chunk_rows=32)
+    def mean_gradients(loss, dx, dweight, divisor):  # the returned gradients are S * n_valid times the mean's
+        return loss, (dx.float() / divisor).half(), (dweight / divisor).half()
+
+    whole = mean_gradients(*kernel.linear_cross_entropy_forward(x, weight, targets, chunk_rows=129))
+    chunked = mean_gradients(*kernel.linear_cross_entropy_forward(x, weight, targets, chunk_rows=32))
     for name, a, b in zip(("loss", "dx", "dweight"), whole, chunked):
         torch.testing.assert_close(b, a, msg=name)
     exact_x, exact_w = x.double().requires_grad_(), weight.double().requires_grad_()
@@ -137,7 +140,7 @@ def test_linear_cross_entropy_computes_only_the_gradients_needed():
     with torch.no_grad():
         loss = ops.linear_cross_entropy(x.requires_grad_(), weight.requires_grad_(), targets, backend="triton")
     torch.testing.assert_close(loss, expected)
-    loss, dx, dweight = torch.ops.engine_triton.linear_cross_entropy(x, weight, targets, -1, False, False)
+    loss, dx, dweight, _ = torch.ops.engine_triton.linear_cross_entropy(x, weight, targets, -1, False, False)
     assert dx.numel() == 0 and dweight.numel() == 0
 
     frozen = weight.detach()  # a frozen LM head: only x gets a gradient
@@ -154,6 +157,39 @@ def test_linear_cross_entropy_under_autocast_runs_in_the_autocast_dtype():
         loss = ops.linear_cross_entropy(x, weight, targets, backend="triton")
     expected = ops.linear_cross_entropy(x.half(), weight.half(), targets, backend="triton")
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+
+
+def test_fp16_training_keeps_the_lm_head_gradient_of_unlikely_words():
+    """fp16 training (fp32 weights under fp16 autocast, the loss times a GradScaler-like 2^16): the
+    fused op's weight gradient matches the unfused path (logits, then cross-entropy) by the 2x rule,
+    also on the rows of words no target names. Those rows' gradient is sum_n p_nj x_n / N with p_nj
+    about 1e-6 (peaked logits): stored in fp16 at 1/N before the loss scale, p_nj / N flushes to zero."""
+    N, d, V, loss_scale = 64, 16, 512, 2.0**16
+    targets = torch.randint(0, d, (N,))  # words d.. are never a target
+    weight = torch.cat([torch.eye(d), 0.01 * torch.randn(V - d, d)])
+    x = 14 * torch.eye(d)[targets] + 0.01 * torch.randn(N, d)  # target logit 14, the others about 0: p about 1e-6
+
+    def lm_head_gradient(backend, dtype, fused):
+        w = weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float64):
+            inputs = (x.double(), w.double()) if dtype == torch.float64 else (x, w)
+            if fused:
+                loss = ops.linear_cross_entropy(*inputs, targets, backend=backend)
+            else:
+                logits = torch.nn.functional.linear(*inputs)
+                loss = ops.cross_entropy(logits, targets, backend=backend)
+        (loss * loss_scale).backward()
+        return (w.grad / loss_scale).double()
+
+    exact = lm_head_gradient("reference", torch.float64, fused=False)
+    unfused = lm_head_gradient("reference", torch.float16, fused=False)
+    fused = lm_head_gradient("triton", torch.float16, fused=True)
+    unlikely = slice(d, V)
+    assert exact[unlikely].abs().max() > 0
+    assert (fused[unlikely] != 0).any(), "the gradient of words no target names flushed to zero"
+    assert_within_reference_error(fused[unlikely], unfused[unlikely], exact[unlikely],
+                                  "LM head gradient, untargeted words", atol=1e-3 * exact[unlikely].abs().max().item())
+    assert_within_reference_error(fused, unfused, exact, "LM head gradient")
 
 
 def test_linear_cross_entropy_rejects_bad_input():

@@ -158,6 +158,37 @@ def test_ffn_ops_pass_opcheck():
                            None, True, True))
 
 
+def test_ffn_backward_repeats_bitwise():
+    # On a GPU this is the check that db1 takes no atomics (the interpreter runs programs in order, so
+    # here it only shows the partial-sum reduction is deterministic; the pre-flight checks the PTX).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = 300 if device == "cuda" else 130  # several row tiles of partial sums
+    x, w1, b1, w2, b2, residual = (t.to(device) for t in make_inputs(rows, 32, 64, True))
+    y, pre = torch.ops.engine_triton.ffn_forward(x, w1, b1, w2, b2, residual, "gelu", 0.0, None, True)
+    dy = torch.randn_like(y)
+    first = torch.ops.engine_triton.ffn_backward(dy, x, w1, w2, pre, "gelu", 0.0, None, True, True)
+    for _ in range(3):
+        again = torch.ops.engine_triton.ffn_backward(dy, x, w1, w2, pre, "gelu", 0.0, None, True, True)
+        for name, a, b in zip(("dx", "dw1", "db1", "dw2", "db2"), first, again):
+            assert torch.equal(a, b), name
+
+
+def test_ffn_backward_fake_has_the_real_outputs_contiguous_strides():
+    # Transposed views of x and the weights: the kernels take any strides, and every gradient comes
+    # back contiguous; a fake built with empty_like would keep the views' strides, which Inductor checks.
+    x, w1, w2 = torch.randn(32, 5).t(), torch.randn(32, 64).t(), torch.randn(64, 32).t()
+    _, pre = torch.ops.engine_triton.ffn_forward(x, w1, None, w2, None, torch.randn(5, 32), "gelu", 0.0, None, True)
+    args = (torch.randn(5, 32), x, w1, w2, pre, "gelu", 0.0, None, False, False)
+    real = torch.ops.engine_triton.ffn_backward(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = torch.ops.engine_triton.ffn_backward(*fake_args)
+    for name, r, f in zip(("dx", "dw1", "db1", "dw2", "db2"), real, fake):
+        assert r.is_contiguous(), name
+        assert (f.shape, f.stride(), f.dtype) == (r.shape, r.stride(), r.dtype), name
+    torch.library.opcheck(torch.ops.engine_triton.ffn_backward, args)
+
+
 def test_triton_ops_trace_with_torch_compile_fullgraph():
     """LayerNorm -> FFN -> fused LM head loss, compiled with fullgraph=True (aot_eager: dynamo and
     AOTAutograd trace the custom ops and their backward without inductor's C++ build), forward and backward."""

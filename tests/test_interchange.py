@@ -87,6 +87,19 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(tmp_path):
     assert samples[0] == samples[1] and samples[0].startswith("Friends")
 
 
+def test_a_padded_vocabulary_exports_the_tokenizer_words_with_the_same_logits(tmp_path):
+    # --vocab-size 64 pads the character tokenizer's vocabulary (as the gpt2 preset pads 50257 to 50304).
+    run = train_run(tmp_path, "--pos-encoding", "learned", "--vocab-size", "64")
+    assert entry_point(["export", "--run", str(run), "--out", str(tmp_path / "hf")]) == 0
+    model, tokenizer, _ = load_model(run / "checkpoint.pt")
+    assert model.config.vocab_size == 64 > tokenizer.vocab_size
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert reference.config.vocab_size == tokenizer.vocab_size
+    idx = torch.randint(tokenizer.vocab_size, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(reference(idx).logits, model(idx)[..., :tokenizer.vocab_size], atol=1e-5, rtol=1e-5)
+
+
 class Collect:
     """A text stream that keeps what is written."""
 

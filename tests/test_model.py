@@ -52,11 +52,12 @@ def test_preset_parameter_counts(name, low, high):
 def test_gpt2_preset_has_gpt2_small_parameter_count():
     config = preset("gpt2")
     assert (config.d_model, config.n_heads, config.n_layers, config.max_seq_len, config.vocab_size) == (
-        768, 12, 12, 1024, 50257)
-    # GPT-2 small: 124,439,808 parameters with tied embeddings (the figure Hugging Face reports).
+        768, 12, 12, 1024, 50304)
+    # GPT-2 small: 124,439,808 parameters with tied embeddings (the figure Hugging Face reports), plus
+    # the 47 padding rows of the embedding (vocabulary 50304, a multiple of 64).
     with torch.device("meta"):
         model = GPT(config)
-    assert model.num_parameters() == 124_439_808
+    assert model.num_parameters() == 124_439_808 + 47 * 768
 
 
 def test_default_preset_is_the_original_design():

@@ -13,6 +13,7 @@ import math
 import torch
 
 from engine.kernels.attention import attention_backward, attention_forward, check_inputs
+from engine.ops.triton.autocast import cast_for_autocast
 
 
 @torch.library.custom_op("engine_triton::attention_forward", mutates_args=())
@@ -69,10 +70,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     1/sqrt(D). Under autocast the inputs are cast to the autocast dtype first. Attention dropout
     is not implemented: dropout_p > 0 raises ValueError.
     """
-    if torch.is_autocast_enabled(q.device.type):
-        # Custom ops are invisible to autocast; cast as F.scaled_dot_product_attention would be.
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    q, k, v = cast_for_autocast(q.device.type, q, k, v)
     check_inputs(q, k, v, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = attention_forward_op(q, k, v, bool(causal), scale)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels import ffn as kernel
+from engine.ops.triton.autocast import cast_for_autocast
 
 _SEED_LIMIT = 2**31 - 1
 
@@ -41,9 +42,10 @@ def ffn_backward(grad_y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: to
 
 @ffn_backward.register_fake
 def _ffn_backward_fake(grad_y, x, w1, w2, pre, activation, dropout_p, seed, has_b1, has_b2):
+    # Contiguous, as the kernels return them whatever the inputs' strides (empty_like would copy a view's).
     F, C = w1.shape
-    return (torch.empty_like(x), torch.empty_like(w1), x.new_empty((F,) if has_b1 else (0,)),
-            torch.empty_like(w2), x.new_empty((C,) if has_b2 else (0,)))
+    return (x.new_empty(x.shape), x.new_empty(w1.shape), x.new_empty((F,) if has_b1 else (0,)),
+            x.new_empty(w2.shape), x.new_empty((C,) if has_b2 else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -82,11 +84,7 @@ def ffn(x, w1, b1, w2, b2, residual, *, activation="gelu", dropout_p=0.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if x.shape != residual.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but residual has {tuple(residual.shape)}; they must match")
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        b1 = b1.to(dtype) if b1 is not None else None
-        b2 = b2.to(dtype) if b2 is not None else None
+    x, w1, b1, w2, b2 = cast_for_autocast(x.device.type, x, w1, b1, w2, b2)
     d_model = x.shape[-1]
     seed = torch.randint(0, _SEED_LIMIT, (1,), device=x.device) if dropout_p > 0.0 else None
     store_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))

@@ -22,7 +22,7 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _layer_norm_forward_fake(x, weight, bias, eps):
     N = x.shape[0]
     stats = x.new_empty((N,), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+    return x.new_empty(x.shape), stats, x.new_empty((N,), dtype=torch.float32)
 
 
 @torch.library.custom_op("engine_triton::layer_norm_backward", mutates_args=())
@@ -33,8 +33,7 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 @layer_norm_backward.register_fake
 def _layer_norm_backward_fake(grad_y, x, weight, mean, rstd, has_bias):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            weight.new_empty(weight.shape if has_bias else (0,)))
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape if has_bias else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
