@@ -36,7 +36,8 @@
 #                                     JUnit XML each), ENGINE_AUTOTUNE=quick, a per-test timeout
 #   sanitize_*         90    40-90    compute-sanitizer memcheck on every extension op, racecheck on attention
 #                                     (bench/sanitize_ops.py: T=129, 7 rows, V=1000)
-#   bench_*          the rest          attention T=4096 (D=128, 64) vs SDPA's backends; FFN vs torch and
+#   bench_*          the rest          attention T=4096 (D=128, 64) vs SDPA's backends (and the CUDA attention's
+#                                     2-blocks-per-SM build at D=64, ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2); FFN vs torch and
 #                                     torch.compile; LayerNorm vs a copy; (linear) cross-entropy at V=50304;
 #                                     bench.train gpt2; the attention sweep T=1024..8192; in that order
 # Total: BUDGET_S=510 s from the start to the end of the last stage, each stage getting min(its limit,
@@ -306,6 +307,7 @@ if [[ $device == cpu ]]; then
     SANITIZE_ARGS=(--ops "layer_norm,cross_entropy" --dtypes fp32)
     ATTENTION_ARGS=(--T 64 --D 32 --repeats 2 --calls-per-batch 2 --backends "torch,reference,sdpa-math")
     ATTENTION_SWEEP_ARGS=(--T "32,64" --D 16 --repeats 2 --backends "torch,reference")
+    ATTENTION_CUDA2_ARGS=(--T 64 --D 32 --repeats 2 --backends "torch")
     FFN_ARGS=(--tokens 32 --d-model 32 --d-ff 64 --repeats 2 --calls-per-batch 2)
     LAYERNORM_ARGS=(--rows 32 --C 64 --repeats 2 --copy)
     CROSS_ENTROPY_ARGS=(--rows 16 --vocab 256 --d-model 16 --repeats 2)
@@ -329,6 +331,8 @@ else
     ATTENTION_ARGS=(--T 4096 --D "128,64" --dtype bf16 --causal
         --backends "torch,triton,cuda,sdpa-flash,sdpa-cudnn,sdpa-efficient")
     ATTENTION_SWEEP_ARGS=(--T "1024,2048,8192" --D "128,64" --dtype bf16 --causal --backends "torch,triton,cuda,compile")
+    # The CUDA attention's __launch_bounds__(256, 2) build at GPT-2's head size (128 registers, 2 blocks per SM)
+    ATTENTION_CUDA2_ARGS=(--T 4096 --D 64 --dtype bf16 --causal --backends "torch,cuda")
     FFN_ARGS=(--tokens 8192 --d-model 768 --d-ff 3072 --activation gelu_tanh --dtype bf16
         --backends "torch,triton,cuda,compile")
     LAYERNORM_ARGS=(--rows 16384 --C "768,4096" --dtype bf16 --backends "torch,triton,cuda,compile" --copy)
@@ -395,6 +399,8 @@ fi
 
 # 6. the benchmarks, the headline figures first, with what the budget leaves.
 run_stage bench_attention 70 "$PYTHON" -m bench.attention --out "$RESULTS" --no-plot "${ATTENTION_ARGS[@]}"
+ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2 run_stage bench_attention_cuda2 30 "$PYTHON" -m bench.attention \
+    --out "$RESULTS/cuda-2-blocks-per-sm" --no-plot "${ATTENTION_CUDA2_ARGS[@]}"
 run_stage bench_ffn 60 "$PYTHON" -m bench.ffn --out "$RESULTS" --no-plot "${FFN_ARGS[@]}"
 run_stage bench_layernorm 45 "$PYTHON" -m bench.layernorm --out "$RESULTS" --no-plot "${LAYERNORM_ARGS[@]}"
 run_stage bench_cross_entropy 45 "$PYTHON" -m bench.cross_entropy --out "$RESULTS" --no-plot \
