@@ -56,7 +56,7 @@ def test_file_values_apply_and_the_command_line_overrides_them(tmp_path):
     ("max_time = [1]\n", "max_time must be a duration"),
     ("lr = 'fast'\n", "lr must be a number, got 'fast'"),
     ("compile = 1\n", "compile must be true or false, got 1"),
-    ("preset = 'huge'\n", "preset must be one of toy, default, gpt2, got 'huge'"),
+    ("preset = 'huge'\n", "preset must be one of toy, nanogpt-cpu, default, gpt2, got 'huge'"),
     ("max_time = 'soon'\n", "max_time must be a duration"),
     ("data = ['a', 'b']\n", "data must be a string, got ['a', 'b']"),
     ("max_steps = \n", "is not valid TOML"),

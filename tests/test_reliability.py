@@ -425,7 +425,7 @@ def test_max_time_is_not_inherited_by_resume(tmp_path, corpus):
 def test_help_shows_the_presets_values_not_gptconfigs():
     text = " ".join(build_parser().format_help().split())
     assert "(default: 512)" not in text  # GPTConfig's d_model, which no CPU run uses
-    assert "toy 64, default 512, gpt2 768" in text  # --d-model per preset
+    assert "toy 64, nanogpt-cpu 128, default 512, gpt2 768" in text  # --d-model per preset
 
 
 def test_help_does_not_import_the_distributed_checkpointing():
