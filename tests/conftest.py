@@ -35,6 +35,15 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def restore_backend():
+    """For tests that change the process-wide backend: back to `auto` afterwards."""
+    yield
+    from engine import ops
+
+    ops.set_backend("auto")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,12 +12,6 @@ from engine.model import GPT, GPTConfig, PRESETS, preset, sinusoidal_positions
 BACKENDS = ["reference", "torch"]
 
 
-@pytest.fixture
-def restore_backend():
-    yield
-    ops.set_backend("auto")
-
-
 def small_config(**overrides) -> GPTConfig:
     return GPTConfig(**{**dict(vocab_size=50, d_model=32, n_heads=2, d_ff=64, n_layers=2, max_seq_len=24), **overrides})
 

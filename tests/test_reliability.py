@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import engine.train
-from engine import ops
 from engine.checkpoint import load_checkpoint
 from engine.data import load_token_data
 from engine.errors import UsageError
@@ -37,13 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--d-model", "16", "--n-heads", "2", "--d-ff", "32", "--n-layers", "1", "--max-seq-len", "16",
         "--batch-size", "2", "--eval-iters", "1", "--sample-tokens", "0", "--backend", "torch"]
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("single_thread", "restore_backend")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ def tiny_model(pos_encoding: str, max_seq_len: int = 16, seed: int = 0) -> GPT:
     return GPT(config).eval()
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(autouse=True)
-def restore_backend():
-    yield
-    ops.set_backend("auto")
+pytestmark = pytest.mark.usefixtures("single_thread", "restore_backend")
 
 
 @pytest.fixture(scope="module")
