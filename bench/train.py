@@ -117,7 +117,8 @@ def random_token_data(vocab_size: int, seq_len: int, batch_size: int, seed: int 
     count = max(64 * (seq_len + 1), 4 * batch_size * (seq_len + 1))
     tokens = np.random.default_rng(seed).integers(0, vocab_size, size=count).astype(np.int32)
     split = count * 9 // 10
-    return TokenData(train=tokens[:split], val=tokens[split:], tokenizer=IdTokenizer(vocab_size), source="random tokens")
+    return TokenData(train=tokens[:split], val=tokens[split:], tokenizer=IdTokenizer(vocab_size),
+                     source="random tokens")
 
 
 def train_backends(device: torch.device, requested: list[str] | None, with_compile: bool,
