@@ -61,12 +61,11 @@ import torch
 from engine import ops
 from engine.check import failing_backends
 from engine.ops import reference
+from engine.ops.backend import DTYPE_NAMES, DTYPES
 from engine.profiling import enable_nvtx, nvtx_range
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 COMPILE = "compile"  # the torch.compile(reference) competitor
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 

@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 
 from engine.ops import reference
+from engine.ops.backend import DTYPE_NAMES, DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("attention", "ffn_epilogues", "layer_norm", "cross_entropy")
 T, ROWS, VOCAB, WIDTH = 129, 7, 1000, 129
 HEAD_DIMS = (40, 64, 96, 128)
@@ -72,7 +72,7 @@ def check_attention(dtype: torch.dtype, device: str) -> list[str]:
     problems = []
     for head_dim in HEAD_DIMS:
         for causal in (True, False):
-            name = f"attention {dtype_name(dtype)} B=1 H=2 T={T} D={head_dim} {'causal' if causal else 'full'}"
+            name = f"attention {DTYPE_NAMES[dtype]} B=1 H=2 T={T} D={head_dim} {'causal' if causal else 'full'}"
             q, k, v, grad_out = (random(1, 2, T, head_dim, dtype=dtype, device=device) for _ in range(4))
             scale = 1.0 / math.sqrt(head_dim)
             out, lse = torch.ops.engine.attention_forward(q, k, v, causal, scale)
@@ -90,7 +90,7 @@ def check_ffn_epilogues(dtype: torch.dtype, device: str) -> list[str]:
     problems = []
     for tanh in (False, True):
         activation = "gelu_tanh" if tanh else "gelu"
-        name = f"bias_gelu(+backward) {dtype_name(dtype)} ({ROWS}, {WIDTH}) {activation}"
+        name = f"bias_gelu(+backward) {DTYPE_NAMES[dtype]} ({ROWS}, {WIDTH}) {activation}"
         pre, grad = (random(ROWS, WIDTH, dtype=dtype, device=device) for _ in range(2))
         bias = random(WIDTH, dtype=dtype, device=device, scale=0.1)
         hidden = torch.ops.engine.bias_gelu(pre, bias, tanh)
@@ -100,7 +100,7 @@ def check_ffn_epilogues(dtype: torch.dtype, device: str) -> list[str]:
         found = compare(name, [("hidden", hidden, expected), ("dpre", grad_pre, grads[0])], dtype)
         report(name, found)
         problems += found
-    name = f"bias_residual {dtype_name(dtype)} ({ROWS}, {WIDTH})"
+    name = f"bias_residual {DTYPE_NAMES[dtype]} ({ROWS}, {WIDTH})"
     y, residual = (random(ROWS, WIDTH, dtype=dtype, device=device) for _ in range(2))
     bias = random(WIDTH, dtype=dtype, device=device)
     out = torch.ops.engine.bias_residual(y, bias, residual)
@@ -113,7 +113,7 @@ def check_ffn_epilogues(dtype: torch.dtype, device: str) -> list[str]:
 def check_layer_norm(dtype: torch.dtype, device: str) -> list[str]:
     problems = []
     for width in (WIDTH, VOCAB):
-        name = f"layer_norm(+backward) {dtype_name(dtype)} ({ROWS}, {width})"
+        name = f"layer_norm(+backward) {DTYPE_NAMES[dtype]} ({ROWS}, {width})"
         x, grad_y = (random(ROWS, width, dtype=dtype, device=device) for _ in range(2))
         weight = (1 + random(width, dtype=torch.float32, device="cpu", scale=0.1)).to(dtype).to(device)
         bias = random(width, dtype=dtype, device=device, scale=0.1)
@@ -129,7 +129,7 @@ def check_layer_norm(dtype: torch.dtype, device: str) -> list[str]:
 
 
 def check_cross_entropy(dtype: torch.dtype, device: str) -> list[str]:
-    name = f"cross_entropy(+backward) {dtype_name(dtype)} ({ROWS}, {VOCAB}), one row ignored"
+    name = f"cross_entropy(+backward) {DTYPE_NAMES[dtype]} ({ROWS}, {VOCAB}), one row ignored"
     logits = random(ROWS, VOCAB, dtype=dtype, device=device, scale=2.0)
     targets = torch.randint(0, VOCAB, (ROWS,))
     targets[3] = -1  # ignore_index
@@ -146,10 +146,6 @@ def check_cross_entropy(dtype: torch.dtype, device: str) -> list[str]:
 
 CHECKS = {"attention": check_attention, "ffn_epilogues": check_ffn_epilogues, "layer_norm": check_layer_norm,
           "cross_entropy": check_cross_entropy}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def report(name: str, problems: list[str]) -> None:

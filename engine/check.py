@@ -40,9 +40,8 @@ import engine
 from engine import ops
 from engine.data import cache_dir
 from engine.ops import registry, tolerance
-from engine.ops.backend import OP_NAMES, Call
+from engine.ops.backend import DTYPE_NAMES, DTYPES, OP_NAMES, Call
 
-DTYPES = {name: dtype for dtype, name in registry.DTYPE_NAMES.items() if dtype != torch.float64}
 # Ops the model calls with fp32 tensors under autocast: the residual stream and the weights stay
 # fp32 and the matmuls run in the autocast dtype. Attention and the loss get low-precision tensors;
 # LayerNorm gets the fp32 residual stream and computes in fp32 (no matmul for autocast to cast).
@@ -343,7 +342,7 @@ def _format_table(results: list[OpResult]) -> str:
 
 
 def report(results: list[OpResult], device: torch.device, dtype: torch.dtype) -> dict:
-    return {"device": str(device), **device_identity(device), "dtype": registry.DTYPE_NAMES[dtype], **versions(),
+    return {"device": str(device), **device_identity(device), "dtype": DTYPE_NAMES[dtype], **versions(),
             "ok": all(r.status != "FAIL" for r in results), "results": [asdict(r) for r in results]}
 
 
@@ -398,7 +397,7 @@ def _save_cache(entries: dict) -> None:
 
 def _cache_key(op: str, backend: str, device: torch.device, dtype: torch.dtype, cases: list[Case]) -> str:
     return json.dumps({**device_identity(device), **versions(), "backend": backend, "op": op,
-                       "dtype": registry.DTYPE_NAMES[dtype], "cases": [c.label for c in cases if c.op == op]},
+                       "dtype": DTYPE_NAMES[dtype], "cases": [c.label for c in cases if c.op == op]},
                       sort_keys=True)
 
 
@@ -455,7 +454,7 @@ def prepare_backends(config, device: torch.device, dtype: torch.dtype, *, self_c
     _save_cache(cache)
     seconds = time.perf_counter() - started
     counts = ", ".join(f"{name} x{passed.count(name)}" for name in dict.fromkeys(passed)) or "nothing"
-    return (f"{ops.describe_choices(chosen)} (self-check in {registry.DTYPE_NAMES[dtype]}: {counts} ok, "
+    return (f"{ops.describe_choices(chosen)} (self-check in {DTYPE_NAMES[dtype]}: {counts} ok, "
             f"{from_cache} of {len(checked)} cached, {seconds:.1f} s)")
 
 
@@ -521,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     for dtype in dtypes:
         print(f"engine.check on {device} ({identity['device']}, {identity['capability']}) in "
-              f"{registry.DTYPE_NAMES[dtype]} | " + " | ".join(f"{k} {v}" for k, v in versions().items()))
+              f"{DTYPE_NAMES[dtype]} | " + " | ".join(f"{k} {v}" for k, v in versions().items()))
         results = check_device(device, dtype, backends, speed=not args.no_speed)
         print(_format_table(results))
         print()

@@ -30,7 +30,7 @@ from engine.data import Tokenizer, tokenizer_from_dict
 from engine.errors import UsageError, run_cli
 from engine.model import GPT
 from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype, warn_slow_dtype
-from engine.trainer import DTYPES
+from engine.ops.backend import DTYPES
 
 HF_TOKENIZER_DIR = "hf_tokenizer"
 

@@ -37,7 +37,8 @@ from engine.checkpoint import CHECKPOINT_NAME, check_model_state, check_optimize
 from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
 from engine.errors import RunFailure, UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
-from engine.trainer import DTYPES, TrainConfig, Trainer
+from engine.ops.backend import DTYPES
+from engine.trainer import TrainConfig, Trainer
 
 # The preset trained when --preset is not given.
 DEFAULT_PRESET = {"cuda": "default", "cpu": "toy"}

@@ -26,9 +26,8 @@ from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.distributed import Context
 from engine.data import BPE_MIN_VOCAB, TOKENIZERS, TokenData, is_tokenizer_file
 from engine.model import GPT, GPTConfig, option
+from engine.ops.backend import DTYPES
 from engine.profiling import StepProfiler, enable_nvtx, nvtx_range
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

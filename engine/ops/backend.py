@@ -20,6 +20,10 @@ OP_NAMES = ("attention", "ffn", "layer_norm", "cross_entropy", "linear_cross_ent
 # Every floating-point dtype an op may be called with; the kernels take the three training dtypes.
 ALL_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 TRAINING_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+# The one dtype table: short names as flags, messages and result rows spell them, in the order they are
+# listed; DTYPES is the training dtypes by name (--dtype fp32/fp16/bf16 of every command).
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if dtype in TRAINING_DTYPES}
 
 
 class Call(NamedTuple):

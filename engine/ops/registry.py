@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from engine.ops.backend import OP_NAMES, Backend, Call
+from engine.ops.backend import DTYPE_NAMES, OP_NAMES, Backend, Call
 
 log = logging.getLogger("engine.ops")
 
@@ -45,9 +45,6 @@ AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
 }
 
 BACKEND_CHOICES = ("auto", *BACKEND_LOCATIONS)
-
-# Short dtype names for messages, in the order they are listed.
-DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class BackendError(ValueError):
