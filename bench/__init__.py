@@ -2,7 +2,7 @@
 
     python -m bench.attention      forward / backward / both, per backend, T from 256 to 8192
     python -m bench.ffn            the FFN block (two matmuls, GELU, residual), and torch.compile
-    python -m bench.layernorm      LayerNorm bandwidth
+    python -m bench.layer_norm     LayerNorm bandwidth
     python -m bench.cross_entropy  cross-entropy bandwidth and the fused LM head + loss (peak memory)
     python -m bench.train          training tokens/s, MFU, step time and peak memory per backend
     python -m bench.report DIR     tables (markdown), plots (PNG) and a compact summary of a results folder

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-KERNEL_MODULES = ("engine.kernels.attention", "engine.kernels.ffn", "engine.kernels.layernorm",
+KERNEL_MODULES = ("engine.kernels.attention", "engine.kernels.ffn", "engine.kernels.layer_norm",
                   "engine.kernels.cross_entropy")
 ENV = "ENGINE_AUTOTUNE"
 

@@ -302,14 +302,14 @@ if [[ $device == cpu ]]; then
     PREWARM_BENCH="bench.attention --T 32 --D 16 --backends torch --passes fwd+bwd --repeats 1 --calls-per-batch 1"
     PREWARM_BENCH+=" --no-plot;"
     PREWARM_BENCH+="bench.train --presets toy --backends torch --steps 1 --warmup 1 --batch-size 1 --no-compile"
-    OP_TEST_FILES=(tests/test_layernorm_triton.py)
+    OP_TEST_FILES=(tests/test_layer_norm_triton.py)
     OTHER_TEST_FILES=(tests/test_cross_entropy_triton.py)
     SANITIZE_ARGS=(--ops "layer_norm,cross_entropy" --dtypes fp32)
     ATTENTION_ARGS=(--T 64 --D 32 --repeats 2 --calls-per-batch 2 --backends "torch,reference,sdpa-math")
     ATTENTION_SWEEP_ARGS=(--T "32,64" --D 16 --repeats 2 --backends "torch,reference")
     ATTENTION_CUDA2_ARGS=(--T 64 --D 32 --repeats 2 --backends "torch")
     FFN_ARGS=(--tokens 32 --d-model 32 --d-ff 64 --repeats 2 --calls-per-batch 2)
-    LAYERNORM_ARGS=(--rows 32 --C 64 --repeats 2 --copy)
+    LAYER_NORM_ARGS=(--rows 32 --C 64 --repeats 2 --copy)
     CROSS_ENTROPY_ARGS=(--rows 16 --vocab 256 --d-model 16 --repeats 2)
     TRAIN_ARGS=(--presets toy --backends "torch,auto" --steps 1 --warmup 1 --batch-size 2 --seq-len 32)
     PER_TEST_S=60
@@ -324,7 +324,7 @@ else
     # gpt2 training's own specializations (fp32 residual stream, bf16 autocast), one sequence per step:
     # the same binaries as 8 x 1024 tokens (integers are specialized by divisibility only) in 3 GB, not 15.
     PREWARM_BENCH+="bench.train --presets gpt2 --backends triton --steps 1 --warmup 1 --batch-size 1 --no-compile"
-    OP_TEST_FILES=(tests/test_attention_triton.py tests/test_ffn_triton.py tests/test_layernorm_triton.py
+    OP_TEST_FILES=(tests/test_attention_triton.py tests/test_ffn_triton.py tests/test_layer_norm_triton.py
         tests/test_cross_entropy_triton.py tests/test_extension.py)
     mapfile -t OTHER_TEST_FILES < <(grep -l 'mark.gpu' tests/test_*.py)
     SANITIZE_ARGS=()
@@ -335,7 +335,7 @@ else
     ATTENTION_CUDA2_ARGS=(--T 4096 --D 64 --dtype bf16 --causal --backends "torch,cuda")
     FFN_ARGS=(--tokens 8192 --d-model 768 --d-ff 3072 --activation gelu_tanh --dtype bf16
         --backends "torch,triton,cuda,compile")
-    LAYERNORM_ARGS=(--rows 16384 --C "768,4096" --dtype bf16 --backends "torch,triton,cuda,compile" --copy)
+    LAYER_NORM_ARGS=(--rows 16384 --C "768,4096" --dtype bf16 --backends "torch,triton,cuda,compile" --copy)
     CROSS_ENTROPY_ARGS=(--rows 8192 --vocab 50304 --d-model 768 --dtype bf16 --backends "torch,triton,cuda")
     TRAIN_ARGS=(--presets gpt2 --backends "torch,auto,triton,cuda,compile" --steps 5 --warmup 2)
     PER_TEST_S=90
@@ -402,7 +402,7 @@ run_stage bench_attention 70 "$PYTHON" -m bench.attention --out "$RESULTS" --no-
 ENGINE_CUDA_ATTENTION_BLOCKS_PER_SM=2 run_stage bench_attention_cuda2 30 "$PYTHON" -m bench.attention \
     --out "$RESULTS/cuda-2-blocks-per-sm" --no-plot "${ATTENTION_CUDA2_ARGS[@]}"
 run_stage bench_ffn 60 "$PYTHON" -m bench.ffn --out "$RESULTS" --no-plot "${FFN_ARGS[@]}"
-run_stage bench_layernorm 45 "$PYTHON" -m bench.layernorm --out "$RESULTS" --no-plot "${LAYERNORM_ARGS[@]}"
+run_stage bench_layer_norm 45 "$PYTHON" -m bench.layer_norm --out "$RESULTS" --no-plot "${LAYER_NORM_ARGS[@]}"
 run_stage bench_cross_entropy 45 "$PYTHON" -m bench.cross_entropy --out "$RESULTS" --no-plot \
     "${CROSS_ENTROPY_ARGS[@]}"
 mkdir -p "$RESULTS/runs"

@@ -251,7 +251,7 @@ TARGETS = {
     "attention_cuda_vs_triton": ("cuda attention fwd+bwd time / triton's, D=128 T=4096", 2.0, "<="),
     "ffn_vs_torch": ("triton FFN fwd+bwd vs torch", 1.2, ">="),
     "ffn_vs_compile": ("triton FFN fwd+bwd vs torch.compile", 1.0, ">="),
-    "layernorm_vs_copy": ("triton LayerNorm fwd GB/s / copy GB/s (widest C)", 0.8, ">="),
+    "layer_norm_vs_copy": ("triton LayerNorm fwd GB/s / copy GB/s (widest C)", 0.8, ">="),
     "linear_ce_memory": ("triton fused linear CE peak memory / torch's, V=50304", 1 / 3, "<="),
     "train_mfu": ("gpt2 training MFU with auto", 0.40, ">="),
     "train_vs_compile": ("gpt2 training tokens/s, auto vs torch.compile of torch", 1.1, ">="),
@@ -409,7 +409,7 @@ def target_values(folder: Path) -> dict[str, float | None]:
     if widths:
         norm = _find(rows, "layer_norm", "triton", "fwd", C=widths[-1])
         copy = _find(rows, "copy", "copy", "fwd", C=widths[-1])
-        values["layernorm_vs_copy"] = norm["gbps"] / copy["gbps"] if norm and copy else None
+        values["layer_norm_vs_copy"] = norm["gbps"] / copy["gbps"] if norm and copy else None
     fused = _find(rows, "linear_cross_entropy", "triton", "fwd+bwd", V=50304)
     plain = _find(rows, "linear_cross_entropy", "torch", "fwd+bwd", V=50304)
     if fused and plain and fused.get("peak_mem_mb") is not None and plain.get("peak_mem_mb"):

@@ -288,13 +288,13 @@ def ffn_workload(dtype, residual_dtype, activation: str, bias: bool, dropout: bo
 
 
 def layer_norm_workload(dtype, weight_dtype, bias: bool, N: int = 1024, C: int = 768):
-    from engine.kernels import layernorm
+    from engine.kernels import layer_norm
 
     def run():
         x, w = _empty(N, C, dtype=dtype), _empty(C, dtype=weight_dtype)
         b = _empty(C, dtype=weight_dtype) if bias else None
-        y, mean, rstd = layernorm.layer_norm_forward(x, w, b)
-        layernorm.layer_norm_backward(torch.empty_like(y), x, w, mean, rstd, bias)
+        y, mean, rstd = layer_norm.layer_norm_forward(x, w, b)
+        layer_norm.layer_norm_backward(torch.empty_like(y), x, w, mean, rstd, bias)
     return run
 
 

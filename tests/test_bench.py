@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 import torch
 
-from bench import attention, autotune, cross_entropy, ffn, harness, layernorm, plain_gpt, report, sanitize_ops
+from bench import attention, autotune, cross_entropy, ffn, harness, layer_norm, plain_gpt, report, sanitize_ops
 from bench import train as bench_train
 from engine import profiling
 from engine.data import ByteTokenizer, IdTokenizer, TokenData
@@ -45,8 +45,8 @@ def test_linear_cross_entropy_flop_by_hand():
 def test_memory_bound_bytes_by_hand():
     # LayerNorm N=2, C=3 in fp32: forward reads x, writes y (12 values) + weight, bias (6) = 72 bytes;
     # backward reads x, dy, writes dx (18) + weight, dweight, dbias (9) = 108 bytes. bf16 halves both.
-    assert layernorm.layer_norm_bytes({"N": 2, "C": 3}, torch.float32) == {"fwd": 72, "bwd": 108, "fwd+bwd": 180}
-    assert layernorm.layer_norm_bytes({"N": 2, "C": 3}, torch.bfloat16)["fwd+bwd"] == 90
+    assert layer_norm.layer_norm_bytes({"N": 2, "C": 3}, torch.float32) == {"fwd": 72, "bwd": 108, "fwd+bwd": 180}
+    assert layer_norm.layer_norm_bytes({"N": 2, "C": 3}, torch.bfloat16)["fwd+bwd"] == 90
     # cross-entropy N=2, V=3 in fp32: forward reads 6 logits (24) + 2 int64 targets (16) = 40;
     # backward reads the logits and writes their gradient (48) + targets (16) = 64.
     assert cross_entropy.cross_entropy_bytes({"N": 2, "V": 3}, torch.float32) == {"fwd": 40, "bwd": 64, "fwd+bwd": 104}
@@ -414,7 +414,7 @@ def test_extra_competitors_run_only_when_named_and_a_copy_spec_has_no_backward(t
     rows = harness.run(attention.SPEC, [shape], dtype=torch.float32, device=CPU, backends=["torch", "sdpa-math"],
                        passes=("fwd",), repeats=1)
     assert [row["status"] for row in rows] == ["ok", "ok"] and rows[1]["backend"] == "sdpa-math"
-    assert layernorm.main(["--rows", "8", "--C", "16", "--repeats", "1", "--backends", "torch", "--copy",
+    assert layer_norm.main(["--rows", "8", "--C", "16", "--repeats", "1", "--backends", "torch", "--copy",
                            "--passes", "fwd,bwd", "--out", str(tmp_path), "--no-plot"]) == 0
     copies = report.load_rows(tmp_path / "copy.jsonl")
     assert [(row["backend"], row["pass"], row["status"]) for row in copies] == [("copy", "fwd", "ok")]
@@ -624,7 +624,7 @@ def test_gpu_check_command_lines_parse():
 
     out = ["--out", "unused"]
     for name, module in (("ATTENTION_ARGS", attention), ("ATTENTION_SWEEP_ARGS", attention), ("FFN_ARGS", ffn),
-                         ("LAYERNORM_ARGS", layernorm), ("CROSS_ENTROPY_ARGS", cross_entropy),
+                         ("LAYER_NORM_ARGS", layer_norm), ("CROSS_ENTROPY_ARGS", cross_entropy),
                          ("TRAIN_ARGS", bench_train)):
         module.build_parser().parse_args(words(name) + out)
     for name in ("MAIN_ARGS", "PREWARM_TRAIN_ARGS"):

@@ -45,7 +45,7 @@ def test_the_wheel_installs_only_engine(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"engine"}, f"the wheel installs {sorted(top_level)}"
-    for kernel in ("attention", "ffn", "layernorm", "cross_entropy"):
+    for kernel in ("attention", "ffn", "layer_norm", "cross_entropy"):
         assert f"engine/kernels/{kernel}.py" in names, f"engine/kernels/{kernel}.py missing from the wheel"
     assert not any(name.startswith("engine/kernels/README") for name in names)
 

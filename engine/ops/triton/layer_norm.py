@@ -1,4 +1,4 @@
-"""LayerNorm (kernels/layernorm.py) as torch.library custom ops with autograd.
+"""LayerNorm (kernels/layer_norm.py) as torch.library custom ops with autograd.
 
 `engine_triton::layer_norm_forward` returns (y, mean, rstd), the fp32 row statistics being saved
 for `engine_triton::layer_norm_backward`, which returns (dx, dweight, dbias). Both have fake
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.kernels import layernorm as kernel
+from engine.kernels import layer_norm as kernel
 
 
 @torch.library.custom_op("engine_triton::layer_norm_forward", mutates_args=())

@@ -1,4 +1,4 @@
-"""python -m bench.layernorm: LayerNorm bandwidth per backend and torch.compile, against the width C.
+"""python -m bench.layer_norm: LayerNorm bandwidth per backend and torch.compile, against the width C.
 
 LayerNorm is memory-bound, so the figure of merit is GB/s: the minimum bytes a pass must move
 (each tensor read or written once; e = bytes per element) over its time.
@@ -62,7 +62,7 @@ COPY_SPEC = harness.OpBench("copy", make_copy_inputs, bytes=copy_bytes, x_axis="
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = harness.build_parser("python -m bench.layernorm", "LayerNorm bandwidth per backend against width.")
+    parser = harness.build_parser("python -m bench.layer_norm", "LayerNorm bandwidth per backend against width.")
     parser.add_argument("--rows", type=int, default=None,
                         help=f"rows N (default: {GPU_ROWS} on a GPU, {CPU_ROWS} on a CPU)")
     parser.add_argument("--C", type=lambda s: harness.parse_list(s, int), default=None,

@@ -8,7 +8,7 @@ import torch
 
 import engine.ops.triton.layer_norm  # noqa: F401  (registers torch.ops.engine_triton.layer_norm_*)
 from engine import ops
-from engine.kernels.layernorm import MAX_HIDDEN
+from engine.kernels.layer_norm import MAX_HIDDEN
 from tests.tolerance import assert_within_reference_error
 
 INPUT_NAMES = ("x", "weight", "bias")
