@@ -10,7 +10,7 @@ import torch
 import engine.ops.triton.cross_entropy  # noqa: F401  (registers torch.ops.engine_triton.*cross_entropy*)
 from engine import ops
 from engine.kernels import cross_entropy as kernel
-from tests.tolerance import assert_within_reference_error
+from tests.tolerance import assert_within_reference_error, compare_with_reference
 
 
 def make_targets(rows, vocab, ignore, ignore_index=-1, device="cpu"):
@@ -20,27 +20,10 @@ def make_targets(rows, vocab, ignore, ignore_index=-1, device="cpu"):
     return targets
 
 
-def check_against_reference(op, inputs, dtype, names, device="cpu", **kwargs):
-    """op on triton and reference in dtype, reference in fp64: loss and the gradient of every float input."""
-    inputs = [t.to(device) for t in inputs]
-
-    def converted(to_dtype):
-        return [t.detach().to(to_dtype).requires_grad_() if t.is_floating_point() else t for t in inputs]
-
-    exact_in, low_in, triton_in = converted(torch.float64), converted(dtype), converted(dtype)
-    exact = getattr(ops, op)(*exact_in, backend="reference", **kwargs)
-    low = getattr(ops, op)(*low_in, backend="reference", **kwargs)
-    loss = getattr(ops, op)(*triton_in, backend="triton", **kwargs)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_within_reference_error(loss, low, exact, f"{op} loss")
-    grad_loss = torch.tensor(1.7, dtype=torch.float64, device=device)  # an upstream gradient other than 1
-    floats = [i for i, t in enumerate(inputs) if t.is_floating_point()]
-    exact_grads = torch.autograd.grad(exact, [exact_in[i] for i in floats], grad_loss)
-    low_grads = torch.autograd.grad(low, [low_in[i] for i in floats], grad_loss.to(low.dtype))
-    triton_grads = torch.autograd.grad(loss, [triton_in[i] for i in floats], grad_loss.to(loss.dtype))
-    for i, e, r, t in zip(floats, exact_grads, low_grads, triton_grads):
-        assert t.dtype == dtype
-        assert_within_reference_error(t, r, e, f"{op} grad of {names[i]}")
+def check_against_reference(op, inputs, dtype, device="cpu", **kwargs):
+    """op on triton and reference in dtype, reference in fp64, by the 2x rule: the loss and the gradient of
+    every float input, for an upstream gradient other than 1."""
+    compare_with_reference(op, lambda: inputs, dtype, "triton", device, kwargs, loss_gradient=1.7)
 
 
 # ----------------------------------------------------------------------------- cross_entropy
@@ -49,13 +32,12 @@ def check_against_reference(op, inputs, dtype, names, device="cpu", **kwargs):
 @pytest.mark.parametrize("rows,vocab,ignore", [(1, 65, False), (7, 1000, True), (129, 65, True), (129, 1000, False)])
 def test_cross_entropy_matches_reference(rows, vocab, ignore, dtype):
     inputs = [torch.randn(rows, vocab) * 3, make_targets(rows, vocab, ignore)]
-    check_against_reference("cross_entropy", inputs, dtype, ("logits", "targets"))
+    check_against_reference("cross_entropy", inputs, dtype)
 
 
 def test_cross_entropy_other_ignore_index_and_int32_targets():
     targets = make_targets(20, 65, True, ignore_index=7).to(torch.int32)
-    check_against_reference("cross_entropy", [torch.randn(20, 65), targets], torch.float32, ("logits", "targets"),
-                            ignore_index=7)
+    check_against_reference("cross_entropy", [torch.randn(20, 65), targets], torch.float32, ignore_index=7)
 
 
 def test_cross_entropy_leaves_the_logits_alone_and_reads_strided_rows():
@@ -75,8 +57,7 @@ def test_cross_entropy_leaves_the_logits_alone_and_reads_strided_rows():
 def test_cross_entropy_extreme_logits_stay_finite():
     logits = torch.randn(4, 1000) * 40
     logits[0, 3] = 1e4
-    check_against_reference("cross_entropy", [logits, torch.tensor([3, 5, 999, 0])], torch.float32,
-                            ("logits", "targets"))
+    check_against_reference("cross_entropy", [logits, torch.tensor([3, 5, 999, 0])], torch.float32)
 
 
 def test_cross_entropy_all_ignored_is_nan_like_the_reference():
@@ -109,7 +90,7 @@ def test_cross_entropy_rejects_bad_input():
 def test_linear_cross_entropy_matches_reference(rows, d_model, vocab, ignore, dtype):
     inputs = [torch.randn(rows, d_model), torch.randn(vocab, d_model) / d_model**0.5 * 2,
               make_targets(rows, vocab, ignore)]
-    check_against_reference("linear_cross_entropy", inputs, dtype, ("x", "weight", "targets"))
+    check_against_reference("linear_cross_entropy", inputs, dtype)
 
 
 def test_linear_cross_entropy_in_many_chunks_equals_one_chunk():
@@ -226,7 +207,7 @@ def test_cross_entropy_ops_pass_opcheck():
 @pytest.mark.parametrize("rows,vocab,ignore", [(7, 1000, True), (129, 65, False), (4096, 50257, True)])
 def test_cross_entropy_bf16_on_gpu(rows, vocab, ignore):
     inputs = [torch.randn(rows, vocab) * 3, make_targets(rows, vocab, ignore)]
-    check_against_reference("cross_entropy", inputs, torch.bfloat16, ("logits", "targets"), device="cuda")
+    check_against_reference("cross_entropy", inputs, torch.bfloat16, device="cuda")
 
 
 @pytest.mark.gpu
@@ -234,7 +215,7 @@ def test_cross_entropy_bf16_on_gpu(rows, vocab, ignore):
 def test_linear_cross_entropy_bf16_on_gpu(rows, d_model, vocab):
     inputs = [torch.randn(rows, d_model), torch.randn(vocab, d_model) / d_model**0.5 * 2,
               make_targets(rows, vocab, True)]
-    check_against_reference("linear_cross_entropy", inputs, torch.bfloat16, ("x", "weight", "targets"), device="cuda")
+    check_against_reference("linear_cross_entropy", inputs, torch.bfloat16, device="cuda")
 
 
 def _peak_loss_memory(backend, x, weight, targets):

@@ -9,7 +9,7 @@ import torch
 import engine.ops.triton.ffn  # noqa: F401  (registers torch.ops.engine_triton.ffn_*)
 from engine import ops
 from engine.ops import reference
-from tests.tolerance import assert_within_reference_error
+from tests.tolerance import assert_within_reference_error, compare_with_reference
 
 INPUT_NAMES = ("x", "w1", "b1", "w2", "b2", "residual")
 
@@ -29,24 +29,10 @@ def converted(inputs, dtype, residual_dtype=None):
 
 
 def check_ffn(inputs, dtype, activation, residual_dtype=None, device="cpu"):
-    """Triton and reference in dtype, reference in fp64: output and the gradient of every input."""
-    inputs = [t.to(device) if t is not None else None for t in inputs]
-    exact_in = converted(inputs, torch.float64)
-    low_in = converted(inputs, dtype, residual_dtype)
-    triton_in = converted(inputs, dtype, residual_dtype)
-    exact = reference.ffn(*exact_in, activation=activation)
-    low = reference.ffn(*low_in, activation=activation)
-    out = ops.ffn(*triton_in, activation=activation, backend="triton")
-    assert out.dtype == low.dtype
-    assert_within_reference_error(out, low, exact, "ffn output")
-    grad_out = torch.randn_like(exact)
-    present = [i for i, t in enumerate(inputs) if t is not None]
-    exact_grads = torch.autograd.grad(exact, [exact_in[i] for i in present], grad_out)
-    low_grads = torch.autograd.grad(low, [low_in[i] for i in present], grad_out.to(low.dtype))
-    triton_grads = torch.autograd.grad(out, [triton_in[i] for i in present], grad_out.to(out.dtype))
-    for i, e, r, t in zip(present, exact_grads, low_grads, triton_grads):
-        assert t.dtype == triton_in[i].dtype
-        assert_within_reference_error(t, r, e, f"ffn grad of {INPUT_NAMES[i]}")
+    """Triton and reference in dtype (the residual in residual_dtype), reference in fp64, by the 2x rule:
+    the output and the gradient of every input."""
+    compare_with_reference("ffn", lambda: inputs, dtype, "triton", device, {"activation": activation},
+                           input_dtypes={5: residual_dtype} if residual_dtype else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -9,10 +9,7 @@ import torch
 import engine.ops.triton.layer_norm  # noqa: F401  (registers torch.ops.engine_triton.layer_norm_*)
 from engine import ops
 from engine.kernels.layer_norm import MAX_HIDDEN
-from tests.tolerance import assert_within_reference_error
-
-INPUT_NAMES = ("x", "weight", "bias")
-
+from tests.tolerance import compare_with_reference
 
 def make_inputs(shape, bias):
     """x with a non-zero mean and spread, and weight / bias away from 1 / 0 so both gradients matter."""
@@ -21,29 +18,10 @@ def make_inputs(shape, bias):
 
 
 def check_layer_norm(inputs, dtype, param_dtype=None, device="cpu", eps=1e-5):
-    """Triton and reference in dtype, reference in fp64: output and the gradient of every input."""
-    param_dtype = param_dtype or dtype
-
-    def converted(x_dtype, p_dtype):
-        x, weight, bias = (t.to(device) if t is not None else None for t in inputs)
-        return [x.to(x_dtype).requires_grad_(), weight.to(p_dtype).requires_grad_(),
-                bias.to(p_dtype).requires_grad_() if bias is not None else None]
-
-    exact_in, low_in, triton_in = converted(torch.float64, torch.float64), converted(dtype, param_dtype), \
-        converted(dtype, param_dtype)
-    exact = ops.layer_norm(*exact_in, eps, backend="reference")
-    low = ops.layer_norm(*low_in, eps, backend="reference")
-    out = ops.layer_norm(*triton_in, eps, backend="triton")
-    assert out.dtype == dtype and out.shape == exact.shape
-    assert_within_reference_error(out, low, exact, "layer_norm output")
-    grad_out = torch.randn_like(exact)
-    present = [i for i, t in enumerate(inputs) if t is not None]
-    exact_grads = torch.autograd.grad(exact, [exact_in[i] for i in present], grad_out)
-    low_grads = torch.autograd.grad(low, [low_in[i] for i in present], grad_out.to(dtype))
-    triton_grads = torch.autograd.grad(out, [triton_in[i] for i in present], grad_out.to(dtype))
-    for i, e, r, t in zip(present, exact_grads, low_grads, triton_grads):
-        assert t.dtype == triton_in[i].dtype
-        assert_within_reference_error(t, r, e, f"layer_norm grad of {INPUT_NAMES[i]}")
+    """Triton and reference in dtype (weight and bias in param_dtype), reference in fp64, by the 2x rule:
+    the output and the gradient of every input."""
+    compare_with_reference("layer_norm", lambda: inputs, dtype, "triton", device, {"eps": eps},
+                           input_dtypes={1: param_dtype, 2: param_dtype} if param_dtype else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -18,8 +18,9 @@ def assert_within_reference_error(actual: torch.Tensor, reference_low: torch.Ten
     assert verdict.ok, verdict.problem
 
 
-def compare_with_reference(fn_name, make_inputs, dtype, backend, device="cpu", kwargs=None):
+def compare_with_reference(fn_name, make_inputs, dtype, backend, device="cpu", kwargs=None, **options):
     """Run `reference` in fp64 and in dtype and `backend` in dtype on the same inputs; assert the output
-    and the gradient of every floating-point input pass the precision contract's 2x rule."""
-    for verdict in tolerance.compare_with_reference(fn_name, make_inputs, dtype, backend, device, kwargs):
+    and the gradient of every floating-point input pass the precision contract's 2x rule. options: those
+    of engine.ops.tolerance.compare_with_reference (input_dtypes, loss_gradient, ...)."""
+    for verdict in tolerance.compare_with_reference(fn_name, make_inputs, dtype, backend, device, kwargs, **options):
         assert verdict.ok, verdict.problem

@@ -77,31 +77,38 @@ def judge(actual: torch.Tensor, reference_low: torch.Tensor, exact: torch.Tensor
 
 def compare_with_reference(fn_name: str, make_inputs: Callable[[], list], dtype: torch.dtype, backend: str,
                            device="cpu", kwargs: dict | None = None, *, input_dtype: torch.dtype | None = None,
-                           autocast: bool = False) -> list[Verdict]:
+                           input_dtypes: dict[int, torch.dtype] | None = None, autocast: bool = False,
+                           loss_gradient: float = 1.0) -> list[Verdict]:
     """Run `reference` in fp64 and in the low precision and `backend` in it, on the same inputs; judge the
     output and the gradient of every floating-point input by the 2x rule.
 
-    make_inputs: returns the op's positional tensors (None allowed, e.g. a missing bias).
-    dtype:       the precision under test. The floating-point inputs are cast to input_dtype (default
-                 dtype); autocast=True runs both low-precision runs under torch.autocast(dtype), as the
-                 trainer runs the model (fp32 weights and activations, matmuls in dtype). The rule's
-                 slack is then dtype's even where the results come back in fp32.
+    make_inputs:   returns the op's positional tensors (None allowed, e.g. a missing bias).
+    dtype:         the precision under test. The floating-point inputs are cast to input_dtype (default
+                   dtype); autocast=True runs both low-precision runs under torch.autocast(dtype), as the
+                   trainer runs the model (fp32 weights and activations, matmuls in dtype). The rule's
+                   slack is then dtype's even where the results come back in fp32.
+    input_dtypes:  {position: dtype} for inputs that differ from input_dtype in the low-precision runs,
+                   e.g. an fp32 residual stream beside fp16 x, or fp32 LayerNorm parameters.
+    loss_gradient: the upstream gradient of a 0-dim output (a loss); other outputs get a random one.
+                   A value other than 1 also checks that the backward multiplies by it.
     """
     from engine import ops
 
     kwargs = kwargs or {}
     input_dtype = input_dtype or dtype
     base = make_inputs()
+    low_dtypes = [(input_dtypes or {}).get(position, input_dtype) for position in range(len(base))]
     device_type = torch.device(device).type
 
-    def converted(to_dtype):
+    def converted(dtypes):
         return [t.detach().to(device=device, dtype=to_dtype).requires_grad_() if t is not None and t.is_floating_point()
-                else (t.to(device) if t is not None else None) for t in base]
+                else (t.to(device) if t is not None else None) for t, to_dtype in zip(base, dtypes)]
 
     def low_precision():
         return torch.autocast(device_type, dtype=dtype) if autocast else contextlib.nullcontext()
 
-    exact_in, reference_in, backend_in = converted(torch.float64), converted(input_dtype), converted(input_dtype)
+    exact_in = converted([torch.float64] * len(base))
+    reference_in, backend_in = converted(low_dtypes), converted(low_dtypes)
     exact = getattr(ops, fn_name)(*exact_in, backend="reference", **kwargs)
     with low_precision():
         low_reference = getattr(ops, fn_name)(*reference_in, backend="reference", **kwargs)
@@ -111,7 +118,7 @@ def compare_with_reference(fn_name: str, make_inputs: Callable[[], list], dtype:
         return [Verdict(f"{fn_name} output", float("inf"), 0.0,
                         f"{fn_name}: dtype {actual.dtype} != reference's {low_reference.dtype}")]
     verdicts = [judge(actual, low_reference, exact, f"{fn_name} output", atol)]
-    seed = torch.randn_like(exact) if exact.dim() else torch.ones_like(exact)
+    seed = torch.randn_like(exact) if exact.dim() else torch.full_like(exact, loss_gradient)
     differentiable = [i for i, t in enumerate(base) if t is not None and t.is_floating_point()]
 
     def gradients(output, inputs):
