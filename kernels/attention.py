@@ -32,16 +32,17 @@ last dimension is not unit-stride. Matmul operands stay in the input dtype; ever
 the softmax statistics (m, l, lse, Delta) are fp32. Outputs are contiguous, in the input dtype.
 
 Caveats:
-  - No attention dropout: check_inputs raises ValueError for dropout_p > 0 (use the `torch` or
-    `reference` backend for a model trained with attention dropout).
+  - No attention dropout: the launchers take no dropout_p, and engine/ops/triton/attention.py raises
+    ValueError for dropout_p > 0 (use the `torch` or `reference` backend for a model trained with
+    attention dropout).
   - fp32 inputs use exact fp32 products ("ieee") unless torch.get_float32_matmul_precision() allows
     TF32 ("high" or "medium"), mirroring PyTorch's own matmuls.
   - Block sizes are autotuned on a GPU per (D, dtype, causal, power-of-two buckets of T_q and T_k)
     among a few candidates per kind of input, so the first call at a new shape compiles and times
     them (seconds). Under TRITON_INTERPRET=1 (CPU) one fixed configuration is used: the interpreter
     cannot autotune, and it is slow (for tests).
-  - bf16 runs on a GPU only: the interpreter's bf16 tl.dot is wrong (PLATFORM.md), so check_inputs
-    refuses bf16 under TRITON_INTERPRET=1.
+  - bf16 runs on a GPU only: the interpreter's bf16 tl.dot is wrong (PLATFORM.md), so the forward
+    launcher refuses bf16 under TRITON_INTERPRET=1.
   - The torch.library registration (autograd, torch.compile support) lives in
     engine/ops/triton/attention.py; this file holds the kernels and their launchers.
 """
@@ -393,14 +394,8 @@ def _attention_backward_kernel(
 
 # ----------------------------------------------------------------------------------- launchers
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                 dropout_p: float = 0.0) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
     """Raise ValueError for anything the kernels do not support, naming the tensor and what is valid."""
-    if dropout_p != 0.0:
-        raise ValueError(
-            f"the triton attention kernel does not implement attention dropout (got dropout_p={dropout_p}); "
-            "train with dropout 0 or choose the 'torch' or 'reference' backend"
-        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape (B, H, T, D), got {tuple(t.shape)}")
@@ -449,8 +444,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     """O = softmax(scale * Q K^T [causal]) V and lse = log sum exp of the scaled scores, per row.
 
     q (B, H, T_q, D), k and v (B, H, T_k, D) -> O (B, H, T_q, D) in q's dtype, lse (B, H, T_q) fp32.
+    Unsupported inputs raise ValueError (this is where they are checked, once per call).
     """
-    check_inputs(q, k, v, causal)
+    _check_inputs(q, k, v, causal)
     q, k, v = (_kernel_layout(t) for t in (q, k, v))
     B, H, T_Q, D = q.shape
     out = torch.empty((B, H, T_Q, D), dtype=q.dtype, device=q.device)
@@ -466,8 +462,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, causal: bool,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (shapes of q, k, v; their dtype) from dO, the forward's inputs, its O and its lse."""
-    check_inputs(q, k, v, causal)
+    """dQ, dK, dV (shapes of q, k, v; their dtype) from dO, the forward's inputs, its O and its lse.
+
+    q, k, v and causal are those attention_forward took and checked; only dO, O and lse are checked here.
+    """
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dO {tuple(grad_out.shape)} and O {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if lse.shape != q.shape[:3] or lse.dtype != torch.float32:

@@ -138,12 +138,16 @@ def _check_targets(targets: torch.Tensor, rows: int, device: torch.device) -> No
         raise ValueError(f"targets must be int64 or int32 on {device}; got {targets.dtype} on {targets.device}")
 
 
-def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _check_logits(logits: torch.Tensor, targets: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must be (rows, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
     if logits.dtype not in DTYPES:
         raise ValueError(f"logits have dtype {logits.dtype}; supported: {DTYPES}")
     _check_targets(targets, logits.shape[0], logits.device)
+
+
+def _unit_stride_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The kernels take any row stride but need each row contiguous: copy only logits whose rows are not."""
     return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
@@ -155,7 +159,8 @@ def _count_valid(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
 def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor,
                           ignore_index: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of logits (N, V) against targets (N,); returns (loss (0-dim fp32), lse (N,) fp32)."""
-    logits = _check_logits(logits, targets)
+    _check_logits(logits, targets)
+    logits = _unit_stride_rows(logits)
     N, V = logits.shape
     losses = torch.empty((N,), dtype=torch.float32, device=logits.device)
     lse = torch.empty((N,), dtype=torch.float32, device=logits.device)
@@ -171,8 +176,11 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor,
 
 def cross_entropy_backward(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                            ignore_index: int = -1) -> torch.Tensor:
-    """Gradient of the mean loss with respect to logits (N, V), in a new tensor of logits' dtype."""
-    logits = _check_logits(logits, targets)
+    """Gradient of the mean loss with respect to logits (N, V), in a new tensor of logits' dtype.
+
+    logits and targets are those cross_entropy_forward took and checked.
+    """
+    logits = _unit_stride_rows(logits)
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N > 0:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from engine.kernels.attention import attention_backward, attention_forward, check_inputs
+from engine.kernels.attention import attention_backward, attention_forward
 from engine.ops.triton.autocast import cast_for_autocast
 
 
@@ -68,10 +68,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     T_q != T_k (a decode step over cached keys) with causal=False. Returns (B, H, T_q, D) in the
     inputs' dtype. D must be 16, 32, 64 or 128; dtypes fp32, fp16 or bf16; scale defaults to
     1/sqrt(D). Under autocast the inputs are cast to the autocast dtype first. Attention dropout
-    is not implemented: dropout_p > 0 raises ValueError.
+    is not implemented: dropout_p > 0 raises ValueError; the kernel's launcher checks the rest.
     """
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"the triton attention kernel does not implement attention dropout (got dropout_p={dropout_p}); "
+            "train with dropout 0 or choose the 'torch' or 'reference' backend"
+        )
     q, k, v = cast_for_autocast(q.device.type, q, k, v)
-    check_inputs(q, k, v, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = attention_forward_op(q, k, v, bool(causal), scale)
     return out
