@@ -67,7 +67,9 @@ def select(candidates: list, mode: str, index: int = 0, count: int = 1) -> list:
 
 def _triton_loaded() -> bool:
     """Whether the kernel modules can be imported here: a GPU, or the interpreter chosen (tests' conftest)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from engine.kernels._interpreter import interpreting  # imports nothing, not even triton
+
+    if interpreting():
         return True
     import torch
 

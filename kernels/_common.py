@@ -4,15 +4,16 @@ kept on disk).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 import triton
 
+from engine.kernels._interpreter import interpreting
+
 # Triton's interpreter (TRITON_INTERPRET=1, read when triton is imported) runs kernels on the CPU.
 # It cannot autotune, and its cost grows with programs x loop steps: one configuration, big blocks.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreting()
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT32_LIMIT = 2**31

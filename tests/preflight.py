@@ -34,7 +34,9 @@ from dataclasses import asdict, dataclass, field
 
 # The checkout's engine, not an installed one (as for the tests, which run from the repository root).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if os.environ.get("TRITON_INTERPRET") == "1":
+from engine.kernels._interpreter import interpreting  # noqa: E402 (imports nothing, not even triton)
+
+if interpreting():
     raise SystemExit("preflight: run without TRITON_INTERPRET=1 (the interpreter compiles nothing)")
 os.environ.pop("TRITON_ALLOW_NON_CONSTEXPR_GLOBALS", None)  # what a GPU refuses, refuse here too
 
