@@ -10,32 +10,26 @@ the CPU through Triton's interpreter (slow; that is how the tests run without a 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from engine.kernels._common import INTERPRET
 from engine.kernels.attention import SUPPORTED_HEAD_DIMS
 from engine.ops.backend import TRAINING_DTYPES, Backend
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from engine.ops.triton.attention import attention
+from engine.ops.triton.cross_entropy import cross_entropy, linear_cross_entropy
+from engine.ops.triton.ffn import ffn
+from engine.ops.triton.layer_norm import layer_norm
 
 
 def availability() -> tuple[bool, str]:
-    if not (torch.cuda.is_available() or interpreting()):
+    if not (torch.cuda.is_available() or INTERPRET):
         return False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels, slowly, on the CPU)"
     return True, ""
 
 
-from engine.ops.triton.attention import attention  # noqa: E402 (after interpreting(), which they import)
-from engine.ops.triton.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
-from engine.ops.triton.ffn import ffn  # noqa: E402
-from engine.ops.triton.layer_norm import layer_norm  # noqa: E402
-
 BACKEND = Backend(
     name="triton",
-    devices=frozenset({"cuda", "cpu"} if interpreting() else {"cuda"}),
+    devices=frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"}),
     ops={
         "attention": attention,
         "ffn": ffn,
