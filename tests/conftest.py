@@ -1,4 +1,4 @@
-"""Shared test set-up: Triton's interpreter without a GPU, the `gpu` marker, seeded fixtures."""
+"""Shared test set-up: Triton's interpreter without a GPU, the `gpu` marker, seeded fixtures, a corpus."""
 from __future__ import annotations
 
 import os
@@ -33,6 +33,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file to train on (8,590 characters), one per test module."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(f"to be or not to be, line {i}\n" for i in range(300)))
+    return path
 
 
 @pytest.fixture

@@ -34,13 +34,6 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(f"to be or not to be, line {i}\n" for i in range(300)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus) -> Path:
     run = tmp_path_factory.mktemp("runs") / "run"
     result = run_cli(*SMALL, "--data", corpus, "--max-steps", "20", "--log-interval", "5", "--eval-interval", "10",

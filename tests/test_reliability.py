@@ -40,13 +40,6 @@ pytestmark = pytest.mark.usefixtures("single_thread", "restore_backend")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(f"the rest is silence, said the prince {i}\n" for i in range(200)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus) -> Path:
     run = tmp_path_factory.mktemp("runs") / "run"
     assert main([*TINY, "--data", str(corpus), "--max-steps", "4", "--log-interval", "2", "--eval-interval", "2",
@@ -219,7 +212,7 @@ def test_an_edited_corpus_is_refused_on_resume(tmp_path, corpus, capsys):
     shutil.copy(corpus, text)
     ids = np.arange(1000) % 8
     nanogpt = write_nanogpt(tmp_path / "nanogpt", ids, "abcdefgh")
-    for data, edit in ((text, lambda: text.write_text(text.read_text().replace("prince 7\n", "prince 8\n"))),
+    for data, edit in ((text, lambda: text.write_text(text.read_text().replace("line 7\n", "line 8\n"))),
                        (nanogpt, lambda: write_nanogpt(nanogpt, np.roll(ids, 1), "abcdefgh"))):
         run = tmp_path / f"run-{data.name}"
         assert main([*TINY, "--data", str(data), "--max-steps", "2", "--out", str(run)]) == 0
