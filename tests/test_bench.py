@@ -514,7 +514,9 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_check_summary_answers_from_what_the_stages_wrote(tmp_path):
+def _write_stage_outputs(tmp_path):
+    """What the GPU check's stages write: stage table, run facts, training steps and metrics, JUnit and pytest
+    logs (one file cut off), a sanitizer log, op benchmark rows and failed bench.train rows."""
     (tmp_path / "stages.tsv").write_text("stage\tstatus\tseconds\tlimit\nbuild\tok\t80\t150\ncheck\tok\t60\t150\n"
                                          "main_auto\tok\t50\t90\nmain_torch\tok\t30\t60\n"
                                          "tests\ttimed out after 150s\t150\t150\n"
@@ -554,23 +556,32 @@ def test_check_summary_answers_from_what_the_stages_wrote(tmp_path):
                  [{"step": s, "seconds": 0.1, **counts} for s in (1, 2, 3)]
                  + [{"step": s, "seconds": 0.1, **counts, "autotune_keys": 10 + (s > 2)} for s in (1, 2, 3)])
 
+
+# What check_summary must say about _write_stage_outputs' files, a line each.
+CHECK_SUMMARY_LINES = [
+    "compiled after warm-up: 0 of 9 op rows; bench.train after step 2: torch: none; auto: 1 autotune_keys",
+    "tests/data/shakespeare.txt",
+    # tokens/s: the median after step 10 (steps 11, 12); final loss: the mean of the last 10 steps' losses.
+    "| auto | 3 | 31.5 | 11,500 | 3.25 | 2.90 | 1 triton_compiles |",
+    "| torch | 3 | 0.1 | 11,500 | 3.26 | 2.90 | none |",
+    "last-10 means 3.2500 vs 3.2600 (0.31% apart: agree within 2%)",
+    "| tests | test_a | 2 | 1 | 0 | 0 | test_two |",
+    "| tests | test_b | 1 | 0 | 0 | 0 | no JUnit file: cut off (timeout) in tests/test_b.py::test_y |",
+    "- sanitize_memcheck: 3 sanitizer error(s), 0 wrong result(s)",
+    "| triton attention fwd TFLOP/s, D=128 T=4096 causal | 400 | >= 350 | met |",
+    "| triton attention fwd+bwd vs SDPA's best backend, D=128 T=4096 | 1.20 | >= 1 | met |",
+    "| cuda attention fwd+bwd time / triton's, D=128 T=4096 | 1.50 | <= 2 | met |",
+    "| triton fused linear CE peak memory / torch's, V=50304 | 0.5 | <= 0.333 | MISSED |",
+    "| gpt2 training MFU with auto | - | >= 0.4 | - |",
+]
+
+
+def test_check_summary_answers_from_what_the_stages_wrote(tmp_path):
+    _write_stage_outputs(tmp_path)
     summary = report.check_summary(tmp_path)
     assert summary.startswith("# GPU check: NVIDIA H200, commit abc123")
-    assert ("compiled after warm-up: 0 of 9 op rows; bench.train after step 2: torch: none; auto: 1 autotune_keys"
-            in summary)
-    assert "tests/data/shakespeare.txt" in summary
-    # tokens/s: the median after step 10 (steps 11, 12); final loss: the mean of the last 10 steps' losses.
-    assert "| auto | 3 | 31.5 | 11,500 | 3.25 | 2.90 | 1 triton_compiles |" in summary
-    assert "| torch | 3 | 0.1 | 11,500 | 3.26 | 2.90 | none |" in summary
-    assert "last-10 means 3.2500 vs 3.2600 (0.31% apart: agree within 2%)" in summary
-    assert "| tests | test_a | 2 | 1 | 0 | 0 | test_two |" in summary
-    assert "| tests | test_b | 1 | 0 | 0 | 0 | no JUnit file: cut off (timeout) in tests/test_b.py::test_y |" in summary
-    assert "- sanitize_memcheck: 3 sanitizer error(s), 0 wrong result(s)" in summary
-    assert "| triton attention fwd TFLOP/s, D=128 T=4096 causal | 400 | >= 350 | met |" in summary
-    assert "| triton attention fwd+bwd vs SDPA's best backend, D=128 T=4096 | 1.20 | >= 1 | met |" in summary
-    assert "| cuda attention fwd+bwd time / triton's, D=128 T=4096 | 1.50 | <= 2 | met |" in summary
-    assert "| triton fused linear CE peak memory / torch's, V=50304 | 0.5 | <= 0.333 | MISSED |" in summary
-    assert "| gpt2 training MFU with auto | - | >= 0.4 | - |" in summary
+    for line in CHECK_SUMMARY_LINES:
+        assert line in summary, line
     answers = summary[summary.index("## answers"):]
     assert summary.rstrip().endswith(answers.rstrip())  # the answers table comes last
     assert "| 4 gpu tests | 3 passed, 1 failed or errors, 1 file(s) cut off (2 files) |" in answers

@@ -303,34 +303,30 @@ def test_unknown_instruction_set_is_a_clear_error():
 
 # ------------------------------------------------------------------------------- opcheck
 
-def _opcheck_samples(device="cpu", dtype=torch.float32):
-    """case id -> (op name, args) for every op, with gradients required where the op has an autograd formula.
+class _Samples:
+    """Random sample tensors on one device, in one dtype unless a call says otherwise."""
 
-    Besides the plain cases: "-strided" cases pass non-contiguous views for every tensor argument (the outputs
-    must still be contiguous, as the fakes declare), and "-autocast-bf16" / "-autocast-fp16" cases pass what
-    the model passes under autocast, low-precision activations with float32 biases and weights (the outputs
-    take the dtypes the fakes declare). The CPU and CUDA kernels share this glue (csrc/glue.cpp), so these
-    cases on the CPU cover the checks, promotions and allocations CUDA tensors go through."""
-    def tensor(*shape, grad=False, scale=1.0, dtype=dtype):
-        return (torch.randn(*shape, device=device, dtype=dtype) * scale).requires_grad_(grad)
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
 
-    def strided(*shape, grad=False, dtype=dtype):
+    def tensor(self, *shape, grad=False, dtype=None):
+        return torch.randn(*shape, device=self.device, dtype=dtype or self.dtype).requires_grad_(grad)
+
+    def strided(self, *shape, grad=False, dtype=None):
         """A non-contiguous view of the given shape: the transpose of a contiguous tensor, or every other
         element of a vector."""
         if len(shape) == 1:
-            return tensor(2 * shape[0], dtype=dtype)[::2].detach().requires_grad_(grad)
-        return tensor(*shape[::-1], dtype=dtype).permute(*reversed(range(len(shape)))).detach().requires_grad_(grad)
+            return self.tensor(2 * shape[0], dtype=dtype)[::2].detach().requires_grad_(grad)
+        return (self.tensor(*shape[::-1], dtype=dtype).permute(*reversed(range(len(shape)))).detach()
+                .requires_grad_(grad))
 
+
+def _attention_samples(make: _Samples) -> dict:
+    tensor, strided = make.tensor, make.strided
     q, k, v = (tensor(2, 2, 33, 16, grad=True) for _ in range(3))
     transposed = [t.transpose(1, 2) for t in (tensor(2, 33, 2, 16, grad=True) for _ in range(3))]  # as in the model
     out, lse = torch.ops.engine.attention_forward(q.detach(), k.detach(), v.detach(), True, 0.25)
-    x, weight, bias = tensor(5, 24, grad=True), tensor(24, grad=True), tensor(24, grad=True)
-    _, mean, rstd = torch.ops.engine.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5)
-    logits = tensor(6, 11, grad=True)
-    targets = torch.tensor([0, 3, -1, 10, 5, -1], device=device)
-    _, logits_lse = torch.ops.engine.cross_entropy_forward(logits.detach(), targets, -1)
-    grad_loss = torch.tensor(1.5, device=device)
-    samples = {
+    return {
         "attention_forward-causal": ("attention_forward", (q, k, v, True, 0.25)),
         "attention_forward-full": ("attention_forward", (q, k, v, False, 0.25)),
         "attention_forward-transposed-views": ("attention_forward", (*transposed, True, 0.25)),
@@ -339,6 +335,12 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
         "attention_backward-strided": ("attention_backward",
                                        (strided(2, 2, 33, 16), *(t.detach() for t in transposed), out, lse, True,
                                         0.25)),
+    }
+
+
+def _epilogue_samples(make: _Samples) -> dict:
+    tensor, strided = make.tensor, make.strided
+    return {
         "bias_gelu-erf": ("bias_gelu", (tensor(5, 24, grad=True), tensor(24, grad=True), False)),
         "bias_gelu-tanh-no-bias": ("bias_gelu", (tensor(5, 24, grad=True), None, True)),
         "bias_gelu-strided": ("bias_gelu", (strided(5, 24, grad=True), strided(24, grad=True), False)),
@@ -348,6 +350,18 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
         "bias_residual-no-bias": ("bias_residual", (tensor(5, 24, grad=True), None, tensor(5, 24, grad=True))),
         "bias_residual-strided": ("bias_residual", (strided(5, 24, grad=True), strided(24, grad=True),
                                                     strided(5, 24, grad=True))),
+    }
+
+
+def _layer_norm_and_cross_entropy_samples(make: _Samples) -> dict:
+    tensor, strided = make.tensor, make.strided
+    x, weight, bias = tensor(5, 24, grad=True), tensor(24, grad=True), tensor(24, grad=True)
+    _, mean, rstd = torch.ops.engine.layer_norm_forward(x.detach(), weight.detach(), bias.detach(), 1e-5)
+    logits = tensor(6, 11, grad=True)
+    targets = torch.tensor([0, 3, -1, 10, 5, -1], device=make.device)
+    _, logits_lse = torch.ops.engine.cross_entropy_forward(logits.detach(), targets, -1)
+    grad_loss = torch.tensor(1.5, device=make.device)
+    return {
         "layer_norm_forward": ("layer_norm_forward", (x, weight, bias, 1e-5)),
         "layer_norm_forward-no-bias": ("layer_norm_forward", (x, weight, None, 1e-5)),
         "layer_norm_forward-strided": ("layer_norm_forward", (strided(5, 24, grad=True), strided(24, grad=True),
@@ -362,28 +376,42 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
                                                                       torch.stack([targets, targets], 1)[:, 0],
                                                                       logits_lse, -1)),
     }
-    for low, suffix in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
-        def activation(*shape, grad=False, low=low):
-            return tensor(*shape, grad=grad, dtype=low)
 
-        def parameter(*shape):
-            return tensor(*shape, grad=True, dtype=torch.float32)
 
-        low_x = activation(5, 24, grad=True)
-        _, low_mean, low_rstd = torch.ops.engine.layer_norm_forward(low_x.detach(), weight.detach(), bias.detach(),
-                                                                    1e-5)
-        samples.update({
-            f"bias_gelu-autocast-{suffix}": ("bias_gelu", (activation(5, 24, grad=True), parameter(24), False)),
-            f"bias_gelu_backward-autocast-{suffix}": ("bias_gelu_backward", (activation(5, 24), activation(5, 24),
-                                                                              tensor(24, dtype=torch.float32), True)),
-            f"bias_residual-autocast-{suffix}": ("bias_residual", (activation(5, 24, grad=True), parameter(24),
-                                                                   parameter(5, 24))),
-            f"layer_norm_forward-autocast-{suffix}": ("layer_norm_forward", (low_x, parameter(24), parameter(24),
-                                                                             1e-5)),
-            f"layer_norm_backward-autocast-{suffix}": ("layer_norm_backward", (activation(5, 24), low_x.detach(),
-                                                                               weight.detach(), low_mean, low_rstd)),
-        })
-    return samples
+def _autocast_samples(make: _Samples, low: torch.dtype, suffix: str) -> dict:
+    """What the model passes under autocast: low-precision activations, float32 biases and weights."""
+    def activation(*shape, grad=False):
+        return make.tensor(*shape, grad=grad, dtype=low)
+
+    def parameter(*shape, grad=True):
+        return make.tensor(*shape, grad=grad, dtype=torch.float32)
+
+    weight, bias = make.tensor(24), make.tensor(24)
+    low_x = activation(5, 24, grad=True)
+    _, low_mean, low_rstd = torch.ops.engine.layer_norm_forward(low_x.detach(), weight, bias, 1e-5)
+    return {
+        f"bias_gelu-autocast-{suffix}": ("bias_gelu", (activation(5, 24, grad=True), parameter(24), False)),
+        f"bias_gelu_backward-autocast-{suffix}": ("bias_gelu_backward", (activation(5, 24), activation(5, 24),
+                                                                          parameter(24, grad=False), True)),
+        f"bias_residual-autocast-{suffix}": ("bias_residual", (activation(5, 24, grad=True), parameter(24),
+                                                               parameter(5, 24))),
+        f"layer_norm_forward-autocast-{suffix}": ("layer_norm_forward", (low_x, parameter(24), parameter(24), 1e-5)),
+        f"layer_norm_backward-autocast-{suffix}": ("layer_norm_backward", (activation(5, 24), low_x.detach(), weight,
+                                                                           low_mean, low_rstd)),
+    }
+
+
+def _opcheck_samples(device="cpu", dtype=torch.float32):
+    """case id -> (op name, args) for every op, with gradients required where the op has an autograd formula.
+
+    Besides the plain cases: "-strided" cases pass non-contiguous views for every tensor argument (the outputs
+    must still be contiguous, as the fakes declare), and "-autocast-bf16" / "-autocast-fp16" cases pass what
+    the model passes under autocast, low-precision activations with float32 biases and weights (the outputs
+    take the dtypes the fakes declare). The CPU and CUDA kernels share this glue (csrc/glue.cpp), so these
+    cases on the CPU cover the checks, promotions and allocations CUDA tensors go through."""
+    make = _Samples(device, dtype)
+    return {**_attention_samples(make), **_epilogue_samples(make), **_layer_norm_and_cross_entropy_samples(make),
+            **_autocast_samples(make, torch.bfloat16, "bf16"), **_autocast_samples(make, torch.float16, "fp16")}
 
 
 OPCHECK_CASES = ["attention_forward-causal", "attention_forward-full", "attention_forward-transposed-views",
