@@ -58,8 +58,9 @@ from typing import Callable
 
 import torch
 
-from engine import ops
+from engine import config, ops
 from engine.check import failing_backends
+from engine.errors import UsageError
 from engine.ops import reference
 from engine.ops.backend import DTYPE_NAMES, DTYPES
 from engine.profiling import enable_nvtx, nvtx_range
@@ -503,12 +504,11 @@ def parse_list(text: str, kind=str) -> list:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but this PyTorch sees no CUDA GPU")
-    return device
+    """--device as engine.config resolves it for every command; a bad one ends the benchmark with one line."""
+    try:
+        return config.resolve_device(name)
+    except UsageError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def set_threads(threads: int | None) -> None:

@@ -54,7 +54,7 @@ from engine import ops
 from engine.data import IdTokenizer, TokenData, load_token_data
 from engine.model import PRESETS, GPT, preset
 from engine.ops.backend import OP_NAMES
-from engine.trainer import TrainConfig, Trainer, describe_backends
+from engine.trainer import TrainConfig, Trainer
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets; the
 # first name contained in torch.cuda.get_device_name() wins, so specific names come first.
@@ -147,6 +147,24 @@ def train_backends(device: torch.device, requested: list[str] | None, with_compi
     return sorted(chosen, key=lambda name: name != baseline), skipped
 
 
+def time_steps(trainer: Trainer, device: torch.device, warmup: int,
+               steps: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Run `warmup` untimed steps, then `steps` timed ones; returns the warm-up's seconds, the seconds per timed
+    step, and the last step's (loss, finite) as train_step gives them."""
+    started = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step()
+    harness.synchronize(device)
+    warmup_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss, finite = trainer.train_step()
+    harness.synchronize(device)
+    return warmup_s, (time.perf_counter() - started) / steps, loss, finite
+
+
 def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torch.dtype, batch_size: int,
             seq_len: int | None, steps: int, warmup: int, nvtx: bool, env: dict, peaks: dict) -> dict:
     """One row: build the trainer for (preset, backend), run warm-up and timed steps."""
@@ -172,23 +190,11 @@ def measure(preset_name: str, backend: str, *, device: torch.device, dtype: torc
             data = random_token_data(model_config.vocab_size, seq_len, batch_size)
             trainer = Trainer(model_config, config, data, Path(run_dir), device, dtype, log=lambda message: None)
             row["shape"]["params"] = trainer.model.num_parameters()
-            row["ops"] = describe_backends(device.type)
-            started = time.perf_counter()
-            for _ in range(warmup):
-                trainer.train_step()
-            harness.synchronize(device)
-            row["warmup_s"] = time.perf_counter() - started
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            started = time.perf_counter()
-            for _ in range(steps):
-                loss, finite = trainer.train_step()
-            harness.synchronize(device)
-            elapsed = time.perf_counter() - started
+            row["ops"] = ops.describe_choices(ops.check_model_support(model_config, device.type, dtype))
+            row["warmup_s"], step_s, loss, finite = time_steps(trainer, device, warmup, steps)
             row["loss"] = loss.item()
             if not finite.item():  # a non-finite step is skipped by the trainer and reports loss 0
                 raise FloatingPointError("non-finite loss or gradient norm in the last timed step")
-            step_s = elapsed / steps
             achieved = flop_per_token(trainer.model, seq_len) * trainer.tokens_per_step / step_s
             row.update(ms=step_s * 1e3, tokens_per_s=trainer.tokens_per_step / step_s, tflops=achieved / 1e12,
                        flop_per_token=flop_per_token(trainer.model, seq_len))
@@ -219,7 +225,8 @@ def plain_run(spec: dict) -> dict:
     val_loss and the dtype trained in.
     """
     from bench import plain_gpt
-    from engine.train import PRESET_TRAINING, resolve_dtype
+    from engine.config import resolve_dtype
+    from engine.train import PRESET_TRAINING
 
     device = torch.device("cpu")
     data = load_token_data(None, "char")
@@ -232,7 +239,7 @@ def plain_run(spec: dict) -> dict:
     tokens_per_step = config.batch_size * model_config.max_seq_len
     if spec["kind"] == "engine":
         ops.set_backend(config.backend)
-        describe_backends(device.type)
+        ops.check_model_support(model_config, device.type, dtype)  # resolve every op before the clock starts
         with tempfile.TemporaryDirectory(prefix="bench-plain-") as run_dir:
             trainer = Trainer(model_config, config, data, Path(run_dir), device, dtype, log=lambda *a, **k: None)
             started, cpu_started = time.perf_counter(), time.process_time()
@@ -379,6 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def measure_all(args, presets: list[str], backends: list[str], *, device: torch.device, dtype: torch.dtype,
+                steps: int, warmup: int, env: dict, peaks: dict, writer: report.RowWriter) -> list[dict]:
+    """A row per (preset, backend), the baseline's first, each with its speedup over the baseline; the
+    process-wide backend choice is restored afterwards."""
+    rows = []
+    previous_backend = ops.get_backend()
+    try:
+        for preset_name in presets:
+            batch_size = args.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)[preset_name]
+            baseline_ms = None
+            for backend in backends:
+                row = measure(preset_name, backend, device=device, dtype=dtype, batch_size=batch_size,
+                              seq_len=args.seq_len, steps=steps, warmup=warmup, nvtx=args.nvtx, env=env, peaks=peaks)
+                row["baseline"] = args.baseline
+                if row["status"] == "ok" and backend == args.baseline:
+                    baseline_ms = row["ms"]
+                if row["status"] == "ok" and baseline_ms is not None:
+                    row["speedup"] = baseline_ms / row["ms"]
+                writer(row)
+                rows.append(row)
+    finally:
+        ops.set_backend(previous_backend)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker is not None:
@@ -419,25 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         print("note: CPU timings on a shared machine are noisy; peak memory is not measured on the CPU")
     for name, reason in skipped.items():
         print(f"skipping backend {name}: {reason}")
-    writer = report.RowWriter(out_dir / "train.jsonl")
-    rows = []
-    previous_backend = ops.get_backend()
-    try:
-        for preset_name in presets:
-            batch_size = args.batch_size or (GPU_BATCH if gpu else CPU_BATCH)[preset_name]
-            baseline_ms = None
-            for backend in backends:
-                row = measure(preset_name, backend, device=device, dtype=dtype, batch_size=batch_size,
-                              seq_len=args.seq_len, steps=steps, warmup=warmup, nvtx=args.nvtx, env=env, peaks=peaks)
-                row["baseline"] = args.baseline
-                if row["status"] == "ok" and backend == args.baseline:
-                    baseline_ms = row["ms"]
-                if row["status"] == "ok" and baseline_ms is not None:
-                    row["speedup"] = baseline_ms / row["ms"]
-                writer(row)
-                rows.append(row)
-    finally:
-        ops.set_backend(previous_backend)
+    rows = measure_all(args, presets, backends, device=device, dtype=dtype, steps=steps, warmup=warmup, env=env,
+                       peaks=peaks, writer=report.RowWriter(out_dir / "train.jsonl"))
     print()
     print(f"## training throughput ({env['device']}, {harness.DTYPE_NAMES[dtype]})")
     print(report.train_table(rows))

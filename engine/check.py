@@ -480,7 +480,7 @@ def failing_backends(op: str, backends: list[str], device: torch.device, dtype: 
 # ------------------------------------------------------------------------------------ CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.train import ArgumentParser
+    from engine.config import ArgumentParser
 
     parser = ArgumentParser(prog="python -m engine.check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda' or 'cuda:N'")
@@ -495,8 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.config import resolve_device, resolve_dtype
     from engine.errors import UsageError
-    from engine.train import resolve_device, resolve_dtype
 
     args = build_parser().parse_args(argv)
     if args.clear_cache:

@@ -470,9 +470,12 @@ class TokenData:
         return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
 
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
-              rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs x (B, T) and next-token targets y (B, T) from `windows`."""
-        windows = self.windows(split, batch_size, seq_len, generator, rank, world_size)
+              rank: int = 0, world_size: int = 1,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs x (B, T) and next-token targets y (B, T) from `windows`, on `device` (default: the CPU)."""
+        windows = self.windows(split, batch_size, seq_len, generator, rank, world_size)  # (B, T + 1)
+        if device is not None and device.type == "cuda":  # one pinned, asynchronous copy; x and y are views of it
+            windows = windows.pin_memory().to(device, non_blocking=True)
         return windows[:, :-1], windows[:, 1:]
 
 

@@ -34,12 +34,13 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CHECKPOINT_NAME, load_failure, save_checkpoint
+from engine.config import ArgumentParser
 from engine.data import (BPE_SPECIAL_TOKENS, BpeTokenizer, IdTokenizer, is_nanogpt_folder, load_tokenizer,
                          save_tokenizer)
 from engine.errors import UsageError, run_cli
 from engine.model import GPT, GPTConfig
 from engine.sample import HF_TOKENIZER_DIR, checkpoint_file, load_model
-from engine.train import ArgumentParser, resolved_data_path
+from engine.train import resolved_data_path
 from engine.trainer import TrainConfig, make_optimizer
 
 WEIGHTS_NAME = "model.safetensors"

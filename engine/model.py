@@ -15,45 +15,40 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import ops
+from engine.config import MODEL, option, require_positive_integers
 from engine.profiling import nvtx_range
 
 POS_ENCODINGS = ("sinusoidal", "learned")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
-def option(default, help: str):
-    """A dataclass field with a help text; engine.train turns each such field into a flag."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GPTConfig:
     """Architecture of the model. Every field is also a `python -m engine.train` flag (--d-model, ...)."""
 
-    vocab_size: int = option(256, "Number of token ids; set from the tokenizer when training on a corpus.")
-    d_model: int = option(512, "Width of the residual stream.")
-    n_heads: int = option(8, "Attention heads; d_model must be divisible by it (head size = d_model / n_heads).")
-    d_ff: int = option(2048, "Hidden width of the feed-forward network (4 x d_model in the classic design).")
-    n_layers: int = option(6, "Number of transformer blocks.")
-    max_seq_len: int = option(256, "Longest context the model sees; also the training sequence length.")
-    dropout: float = option(0.0, "Dropout on attention weights, block outputs and embeddings.")
-    pos_encoding: str = option("sinusoidal", "'sinusoidal' (fixed, as in the Transformer paper) or 'learned' (GPT-2).")
-    bias: bool = option(True, "Biases in the linear layers and LayerNorms.")
-    tie_embeddings: bool = option(True, "Share the token embedding matrix with the LM head.")
-    activation: str = option("gelu", "'gelu' (exact, erf) or 'gelu_tanh' (GPT-2's tanh approximation).")
+    vocab_size: int = option(256, "Number of token ids; set from the tokenizer when training on a corpus.", MODEL)
+    d_model: int = option(512, "Width of the residual stream.", MODEL)
+    n_heads: int = option(8, "Attention heads; d_model must be divisible by it (head size = d_model / n_heads).",
+                          MODEL)
+    d_ff: int = option(2048, "Hidden width of the feed-forward network (4 x d_model in the classic design).", MODEL)
+    n_layers: int = option(6, "Number of transformer blocks.", MODEL)
+    max_seq_len: int = option(256, "Longest context the model sees; also the training sequence length.", MODEL)
+    dropout: float = option(0.0, "Dropout on attention weights, block outputs and embeddings.", MODEL)
+    pos_encoding: str = option("sinusoidal", "'sinusoidal' (fixed, as in the Transformer paper) or 'learned' "
+                                             "(GPT-2).", MODEL)
+    bias: bool = option(True, "Biases in the linear layers and LayerNorms.", MODEL)
+    tie_embeddings: bool = option(True, "Share the token embedding matrix with the LM head.", MODEL)
+    activation: str = option("gelu", "'gelu' (exact, erf) or 'gelu_tanh' (GPT-2's tanh approximation).", MODEL)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_integers(self, ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_seq_len"))
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -204,28 +199,45 @@ class CausalSelfAttention(nn.Module):
         return F.dropout(self.proj(y), p=dropout_p, training=self.training)
 
 
+class FeedForward(nn.Module):
+    """The feed-forward sublayer and its residual in one engine.ops.ffn call:
+    residual + dropout(fc2(act(fc1(x)))), fc1 from d_model to d_ff and fc2 back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.dropout = config.dropout
+        self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)  # weight (d_ff, d_model)
+        self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)  # weight (d_model, d_ff)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # fc1's mode, not this module's: a Block registers fc1 and fc2 but not the FeedForward (see Block).
+        dropout_p = self.dropout if self.fc1.training else 0.0
+        return ops.ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=residual,
+                       activation=self.activation, dropout_p=dropout_p)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, index: int = 0) -> None:
         super().__init__()
         # NVTX range names (engine/profiling.py; on with --nvtx): one per sublayer of this block.
         self.attention_range = f"block{index}.attention"
         self.ffn_range = f"block{index}.ffn"
-        self.activation = config.activation
-        self.dropout = config.dropout
         self.ln1 = LayerNorm(config.d_model, config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln2 = LayerNorm(config.d_model, config.bias)
-        self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)  # weight (d_ff, d_model)
-        self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)  # weight (d_model, d_ff)
+        feed_forward = FeedForward(config)
+        # The feed-forward layers are registered as the block's own fc1 and fc2, so that their parameters keep
+        # the names checkpoints, optimizer states and engine/hf.py's GPT-2 mapping use (blocks.N.fc1.weight);
+        # the FeedForward itself stays out of the module tree, or they would be registered twice.
+        self.fc1, self.fc2 = feed_forward.fc1, feed_forward.fc2
+        object.__setattr__(self, "feed_forward", feed_forward)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
         with nvtx_range(self.attention_range):
             x = x + self.attn(self.ln1(x), kv)
         with nvtx_range(self.ffn_range):
-            return ops.ffn(
-                self.ln2(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=x,
-                activation=self.activation, dropout_p=self.dropout if self.training else 0.0,
-            )
+            return self.feed_forward(self.ln2(x), residual=x)
 
 
 class GPT(nn.Module):

@@ -26,11 +26,12 @@ import torch
 from engine import ops
 from engine.check import prepare_backends
 from engine.checkpoint import CHECKPOINT_NAME, check_model_state, load_checkpoint
+from engine.config import ArgumentParser, resolve_device, resolve_dtype
 from engine.data import Tokenizer, tokenizer_from_dict
 from engine.errors import UsageError, run_cli
 from engine.model import GPT
-from engine.train import ArgumentParser, model_config_of, resolve_device, resolve_dtype, warn_slow_dtype
 from engine.ops.backend import DTYPES
+from engine.train import model_config_of, warn_slow_dtype
 
 HF_TOKENIZER_DIR = "hf_tokenizer"
 

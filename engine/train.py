@@ -2,7 +2,7 @@
 
 With no arguments it trains on the built-in Shakespeare corpus: the `default` preset in bf16 on
 a CUDA GPU, or the `toy` preset on a CPU (it reaches a readable loss in minutes there), in bf16 where the
-CPU has native bf16 arithmetic (see resolve_dtype), else fp32.
+CPU has native bf16 arithmetic (see engine.config.resolve_dtype), else fp32.
 Every GPTConfig and TrainConfig field is a flag; `--help` lists them. `--config FILE.toml` gives
 flags in a file (flag names as keys: `max_steps = 100` or `max-steps = 100`), the command line
 overrides it, and the resolved config is printed and saved as RUN/config.toml (which --config reads
@@ -20,13 +20,11 @@ import fcntl
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import time
-import tomllib
-import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,10 +32,13 @@ import torch
 from engine import distributed, ops
 from engine.check import prepare_backends
 from engine.checkpoint import CHECKPOINT_NAME, check_model_state, check_optimizer_state, load_checkpoint
-from engine.data import is_nanogpt_folder, load_token_data, save_tokenizer, tokenizer_from_dict
+from engine.config import (DEVICE, MODEL, ArgumentParser, add_dataclass_flags, config_toml, explicit_fields,
+                           flag_groups, read_config_file, resolve_device, resolve_dtype)
+from engine.data import (TokenData, Tokenizer, is_nanogpt_folder, load_token_data, save_tokenizer,
+                         tokenizer_from_dict)
+from engine.distributed import Context
 from engine.errors import RunFailure, UsageError, run_cli
 from engine.model import GPT, PRESETS, GPTConfig, preset
-from engine.ops.backend import DTYPES
 from engine.trainer import TrainConfig, Trainer
 
 # The preset trained when --preset is not given.
@@ -60,49 +61,16 @@ FIXED_ON_RESUME = ("data", "tokenizer", "bpe_vocab")
 LOCK_NAME = ".lock"
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits with status 2."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '2h' -> seconds."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use seconds or a number with s, m or h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-
-
-def _flag_type(annotation):
-    """The argparse type for a dataclass field annotation such as 'int' or 'float | None'."""
-    hint = eval(annotation, {"typing": typing}) if isinstance(annotation, str) else annotation  # noqa: S307
-    if isinstance(hint, types.UnionType):
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
-    group = parser.add_argument_group(title)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        kind = _flag_type(field.type)
-        default = field.default
-        if cls is GPTConfig and field.name == "vocab_size":
-            default = "from the tokenizer"
-        elif field.name in PRESET_DEPENDENT or cls is GPTConfig and len(
-                {str(values.get(field.name, field.default)) for values in PRESETS.values()}) > 1:
-            presets = PRESET_TRAINING if field.name in PRESET_DEPENDENT else PRESETS
-            default = "depends on --preset: " + ", ".join(f"{name} {values.get(field.name, field.default)}"
-                                                          for name, values in presets.items())
-        help_text = f"{field.metadata.get('help', '')} (default: {default})"
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif field.name == "max_time":
-            group.add_argument(flag, type=parse_duration, default=None, metavar="SECONDS", help=help_text)
-        else:
-            group.add_argument(flag, type=kind, default=None, metavar=field.name.upper(), help=help_text)
+def default_text(cls, field: dataclasses.Field) -> object:
+    """The default --help shows for a field of GPTConfig or TrainConfig: a preset's where presets differ."""
+    if cls is GPTConfig and field.name == "vocab_size":
+        return "from the tokenizer"
+    if field.name in PRESET_DEPENDENT or cls is GPTConfig and len(
+            {str(values.get(field.name, field.default)) for values in PRESETS.values()}) > 1:
+        presets = PRESET_TRAINING if field.name in PRESET_DEPENDENT else PRESETS
+        return "depends on --preset: " + ", ".join(f"{name} {values.get(field.name, field.default)}"
+                                                   for name, values in presets.items())
+    return field.default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,21 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.train",
         description="Train a GPT-style decoder on the built-in Shakespeare corpus or your own text.",
     )
-    parser.add_argument("--preset", choices=list(PRESETS), default=None,
-                        help="model preset (default: 'default' on a GPU, 'toy' on a CPU)")
     parser.add_argument("--out", type=Path, default=None,
                         help="run folder (default: runs/<preset>-<date>-<time>, with -2, -3, ... if that is taken)")
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
                         help="continue the run in DIR (or from a checkpoint file) exactly where it stopped")
-    parser.add_argument("--list-backends", action="store_true", help="print every backend's availability and exit")
-    parser.add_argument("--no-self-check", action="store_true",
-                        help="do not check the chosen backends against reference on this device before training "
-                             "(see python -m engine.check)")
     parser.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
                         help="flags from a TOML file (keys are the flag names, e.g. max_steps = 100); "
                              "flags on the command line override it")
-    add_dataclass_flags(parser, GPTConfig, "model (GPTConfig)")
-    add_dataclass_flags(parser, TrainConfig, "training (TrainConfig)")
+    groups = flag_groups(parser)
+    groups[MODEL].add_argument("--preset", choices=list(PRESETS), default=None,
+                               help="model preset (default: 'default' on a GPU, 'toy' on a CPU)")
+    groups[DEVICE].add_argument("--list-backends", action="store_true",
+                                help="print every backend's availability and exit")
+    groups[DEVICE].add_argument("--no-self-check", action="store_true",
+                                help="do not check the chosen backends against reference on this device before "
+                                     "training (see python -m engine.check)")
+    for cls in (GPTConfig, TrainConfig):
+        add_dataclass_flags(groups, cls, default_text)
     return parser
 
 
@@ -132,130 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 NOT_IN_CONFIG_FILES = ("help", "config", "list_backends")
 
 
-def _config_file_value(path: Path, key: str, value, action: argparse.Action):
-    """A TOML value checked and converted as its flag's type would be, or a one-line error."""
-    def bad(expected: str) -> UsageError:
-        return UsageError(f"config file {path}: {key} must be {expected}, got {value!r}")
-
-    if isinstance(action, argparse.BooleanOptionalAction):
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # TOML's true is not a 1
-    if action.type is int:
-        if not number or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if action.type is float:
-        if not number:
-            raise bad("a number")
-        return float(value)
-    if action.type is parse_duration:
-        try:
-            if not (number or isinstance(value, str)):
-                raise argparse.ArgumentTypeError(value)
-            return parse_duration(str(value))
-        except argparse.ArgumentTypeError:
-            raise bad("a duration in seconds or a number with s, m or h (e.g. \"15m\")") from None
-    if not isinstance(value, str):
-        raise bad("a string")
-    if action.choices is not None and value not in action.choices:
-        raise bad(f"one of {', '.join(map(str, action.choices))}")
-    return Path(value) if action.type is Path else value
-
-
-def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
-    """--config FILE.toml -> {flag destination: value}; keys are flag names (max_steps or max-steps).
-
-    An unknown key, a value of the wrong type or a file that is not TOML is a one-line error.
-    """
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    # argparse has no public way to list a parser's actions; _actions has been stable for many Python versions.
-    actions = {action.dest: action for action in parser._actions if action.dest not in NOT_IN_CONFIG_FILES}
-    resolved = {}
-    for key, value in values.items():
-        action = actions.get(key.replace("-", "_"))
-        if action is None:
-            raise UsageError(f"config file {path}: unknown key {key!r} (keys are the flags' names, "
-                             "e.g. max_steps = 100; see --help)")
-        resolved[action.dest] = _config_file_value(path, key, value, action)
-    return resolved
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line over the --config file over the defaults (every setting flag defaults to None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is not None:
-        for dest, value in read_config_file(args.config, parser).items():
+        for dest, value in read_config_file(args.config, parser, NOT_IN_CONFIG_FILES).items():
             if getattr(args, dest) is None:
                 setattr(args, dest, value)
     return args
-
-
-def toml_value(value) -> str:
-    """A Python scalar as a TOML value (JSON's string escapes are valid in TOML's basic strings)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)
-
-
-def config_toml(sections: dict[str, dict]) -> str:
-    """Flat keys under one comment per section; a None (not set) field becomes a comment, TOML has no null."""
-    lines = []
-    for title, values in sections.items():
-        lines.append(f"# {title}")
-        for key, value in values.items():
-            lines.append(f"# {key}: not set" if value is None else f"{key} = {toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def explicit_fields(args: argparse.Namespace, cls) -> dict:
-    """The dataclass fields the user gave on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' requested but no CUDA GPU is available to this PyTorch")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). Without it oneDNN emulates bf16
-    with fp32 instructions plus conversions, which is slower than plain fp32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype auto: bf16 autocast (fp32 weights, optimizer state and loss) on a GPU that supports bf16 and on a
-    CPU with native bf16 arithmetic, else fp32. On a 2-core AMD EPYC with AVX512-BF16 a training step then
-    costs about 0.7x (nanogpt-cpu preset) to 0.85x (toy) the CPU time of fp32, at the same loss per step
-    (`python -m bench.train --baseline plain` measures it)."""
-    if name == "auto":
-        if device.type == "cuda":
-            bf16 = torch.cuda.is_bf16_supported()
-        else:
-            bf16 = cpu_has_native_bf16()
-        return torch.bfloat16 if bf16 else torch.float32
-    return DTYPES[name]
 
 
 def resolved_data_path(data: str | None) -> str | None:
@@ -426,65 +281,83 @@ def check_out_dir(out_dir: Path, resuming_in_place: bool, needed_bytes: int, ran
                          f"{2 * needed_bytes / 1e6:,.0f} MB needed, {free / 1e6:,.0f} MB free")
 
 
+@dataclass
+class RunPlan:
+    """What a run is to do, decided from the flags before any data is read (plan_new_run, plan_resume)."""
+
+    model_config: GPTConfig  # a new run's vocab_size is settled by its tokenizer (set_up)
+    train_config: TrainConfig
+    device: torch.device
+    out_dir: Path
+    banner: str  # how the start-up line names the run: its preset, or the checkpoint it continues
+    preset: str | None = None  # recorded in config.toml
+    checkpoint: dict | None = None  # resuming: the checkpoint, the path it was read from, its tokenizer
+    checkpoint_path: Path | None = None
+    tokenizer: Tokenizer | None = None
+    resuming_in_place: bool = False  # out_dir is the folder of the run it continues
+    claim: bool = False  # out_dir is a default name, made unique (claim_out_dir) once the input is checked
+    vocab_size: int | None = None  # --vocab-size (default: the tokenizer's)
+    self_check: bool = True  # check the chosen backends against reference first (no --no-self-check)
+
+
+def plan_new_run(args: argparse.Namespace) -> RunPlan:
+    preset_name, model_config, train_config, device = configs_for_new_run(args)
+    banner = f"preset {preset_name!r}"
+    if args.preset is None:
+        banner += (" (a CUDA GPU is present)" if device.type == "cuda" else
+                   " (no CUDA GPU: the small model that trains to a readable loss in minutes on a CPU;"
+                   " --preset default trains the 6x512 model)")
+    return RunPlan(model_config, train_config, device, args.out or default_out_dir(preset_name), banner,
+                   preset=preset_name, claim=args.out is None, vocab_size=args.vocab_size,
+                   self_check=not args.no_self_check)
+
+
+def plan_resume(args: argparse.Namespace) -> RunPlan:
+    checkpoint = load_checkpoint(args.resume)
+    model_config, train_config, device = configs_for_resume(args, checkpoint)
+    run_folder = args.resume if args.resume.is_dir() else args.resume.parent
+    out_dir = args.out or run_folder
+    return RunPlan(model_config, train_config, device, out_dir, f"resuming {args.resume} at step {checkpoint['step']}",
+                   preset=args.preset, checkpoint=checkpoint, checkpoint_path=args.resume,
+                   tokenizer=tokenizer_from_dict(checkpoint["tokenizer"]),
+                   resuming_in_place=out_dir.resolve() == run_folder.resolve(), self_check=not args.no_self_check)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_backends:
         for name, (ok, reason) in ops.available_backends().items():
             print(f"{name:10s} {'available' if ok else 'unavailable: ' + reason}")
         return 0
-
-    checkpoint = None
-    if args.resume is not None:
-        checkpoint = load_checkpoint(args.resume)
-        model_config, train_config, device = configs_for_resume(args, checkpoint)
-        out_dir = args.out or (args.resume if args.resume.is_dir() else args.resume.parent)
-        resuming_in_place = out_dir.resolve() == (args.resume if args.resume.is_dir() else args.resume.parent).resolve()
-        tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-        banner = f"resuming {args.resume} at step {checkpoint['step']}"
-    else:
-        preset_name, model_config, train_config, device = configs_for_new_run(args)
-        args.preset = preset_name  # resolved: recorded in config.toml
-        out_dir = args.out or default_out_dir(preset_name)
-        resuming_in_place = False
-        tokenizer = None
-        banner = f"preset {preset_name!r}"
-        if args.preset is None:
-            banner += (" (a CUDA GPU is present)" if device.type == "cuda" else
-                       " (no CUDA GPU: the small model that trains to a readable loss in minutes on a CPU;"
-                       " --preset default trains the 6x512 model)")
-
-    context = distributed.setup(device.type)
-    if context.enabled and device.type == "cuda":
-        device = torch.device("cuda", context.local_rank)
-    if train_config.fsdp and not context.enabled:
+    plan = plan_resume(args) if args.resume is not None else plan_new_run(args)
+    context = distributed.setup(plan.device.type)
+    if context.enabled and plan.device.type == "cuda":
+        plan.device = torch.device("cuda", context.local_rank)
+    if plan.train_config.fsdp and not context.enabled:
         raise UsageError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
     held = contextlib.ExitStack()  # what the run holds until it ends: its folder's lock
     try:
-        return train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place,
-                     tokenizer, banner, held=held, claim=args.out is None and checkpoint is None)
+        return train(plan, context, held)
     finally:
         held.close()
         distributed.teardown(context)
 
 
-def train(args, checkpoint, model_config, train_config, device, context, out_dir, resuming_in_place, tokenizer,
-          banner, held: contextlib.ExitStack, claim: bool = False) -> int:
-    """Load the data, check the run folder, build the Trainer, run it, print a sample.
+def set_up(plan: RunPlan, context: Context, dtype: torch.dtype,
+           held: contextlib.ExitStack) -> tuple[RunPlan, TokenData, str]:
+    """Load the data, settle the vocabulary, check the checkpoint and the backends, claim and lock the run folder
+    (held keeps the lock). Returns the settled plan, the data and the backends' start-up line.
 
-    held keeps the run folder's lock until the caller closes it; claim: out_dir is a default name, to be
-    made unique (claim_out_dir) once the input has been checked.
+    Under torchrun the ranks fail together: one rank alone would leave the others waiting forever.
     """
-    say = print if context.is_main else (lambda *a, **k: None)
-    dtype = resolve_dtype(train_config.dtype, device)
-    if context.is_main:
-        warn_slow_dtype(dtype, device)
-    ops.set_backend(train_config.backend)
+    config, checkpoint = plan.train_config, plan.checkpoint
+    model_config, out_dir = plan.model_config, plan.out_dir
     setup_error = claimed = None
     try:
-        data = load_token_data(train_config.data, train_config.tokenizer, tokenizer, train_config.bpe_vocab,
+        data = load_token_data(config.data, config.tokenizer, plan.tokenizer, config.bpe_vocab,
                                expected_fingerprint=checkpoint.get("data_fingerprint") if checkpoint else None)
         if checkpoint is None:
-            vocab_size = args.vocab_size or data.tokenizer.vocab_size
+            vocab_size = plan.vocab_size or data.tokenizer.vocab_size
             if vocab_size < data.tokenizer.vocab_size:
                 raise UsageError(f"--vocab-size {vocab_size} is smaller than the tokenizer's "
                                  f"{data.tokenizer.vocab_size}")
@@ -493,45 +366,60 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
         if checkpoint is not None:
             with torch.device("meta"):
                 shapes = GPT(model_config)
-            check_model_state(checkpoint["model"], shapes, f"checkpoint {args.resume}")
-            check_optimizer_state(checkpoint["optimizer"], shapes, f"checkpoint {args.resume}")
-        backends = prepare_backends(model_config, device, dtype, self_check=not args.no_self_check,
-                                    decode=train_config.sample_tokens > 0)
-        if claim and context.is_main:
+            check_model_state(checkpoint["model"], shapes, f"checkpoint {plan.checkpoint_path}")
+            check_optimizer_state(checkpoint["optimizer"], shapes, f"checkpoint {plan.checkpoint_path}")
+        backends = prepare_backends(model_config, plan.device, dtype, self_check=plan.self_check,
+                                    decode=config.sample_tokens > 0)
+        if plan.claim and context.is_main:
             out_dir = claimed = claim_out_dir(out_dir)
-        if context.is_main or not claim:  # the other ranks learn rank 0's claimed folder below
-            lock = prepare_out_dir(out_dir, resuming_in_place, checkpoint_bytes(model_config), context.rank)
+        if context.is_main or not plan.claim:  # the other ranks learn rank 0's claimed folder below
+            lock = prepare_out_dir(out_dir, plan.resuming_in_place, checkpoint_bytes(model_config), context.rank)
             if lock is not None:
                 held.enter_context(lock)
     except (UsageError, ValueError) as exc:
         setup_error = exc
         if claimed is not None:  # a folder this run created and never used
             shutil.rmtree(claimed, ignore_errors=True)
-    # Under torchrun the ranks fail together: one rank alone would leave the others waiting forever.
-    if distributed.any_rank(setup_error is not None, context, device):
+    if distributed.any_rank(setup_error is not None, context, plan.device):
         raise setup_error or UsageError("another rank failed to set up; see its error")
-    if claim and context.enabled:
+    if plan.claim and context.enabled:
         out_dir = Path(distributed.gather_objects(str(out_dir), context)[0])
+    return dataclasses.replace(plan, model_config=model_config, out_dir=out_dir), data, backends
 
-    trainer = Trainer(model_config, train_config, data, out_dir, device, dtype, checkpoint, context=context)
+
+def write_run_files(plan: RunPlan, data: TokenData, say) -> None:
+    """config.json, the resolved config as config.toml (printed too) and the tokenizer, in the run folder."""
+    config_json = {"model": plan.model_config.to_dict(), "train": plan.train_config.to_dict()}
+    resolved = config_toml({"run": {"preset": plan.preset}, "model (GPTConfig)": plan.model_config.to_dict(),
+                            "training (TrainConfig)": plan.train_config.to_dict()})
+    try:
+        (plan.out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        (plan.out_dir / "config.toml").write_text(resolved, encoding="utf-8")
+        save_tokenizer(data.tokenizer, plan.out_dir / "tokenizer.json")
+    except OSError as exc:
+        raise RunFailure(f"cannot write to output folder {plan.out_dir}: {exc.strerror or exc}") from None
+    say(f"resolved config (saved as {plan.out_dir / 'config.toml'}; python -m engine.train --config reads it):")
+    say(resolved.rstrip())
+
+
+def train(plan: RunPlan, context: Context, held: contextlib.ExitStack) -> int:
+    """Load the data, check the run folder, build the Trainer, run it, print a sample; held keeps the run
+    folder's lock until the caller closes it."""
+    say = print if context.is_main else (lambda *a, **k: None)
+    dtype = resolve_dtype(plan.train_config.dtype, plan.device)
     if context.is_main:
-        config_json = {"model": model_config.to_dict(), "train": train_config.to_dict()}
-        resolved = config_toml({"run": {"preset": args.preset}, "model (GPTConfig)": model_config.to_dict(),
-                                "training (TrainConfig)": train_config.to_dict()})
-        try:
-            (out_dir / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-            (out_dir / "config.toml").write_text(resolved, encoding="utf-8")
-            save_tokenizer(data.tokenizer, out_dir / "tokenizer.json")
-        except OSError as exc:
-            raise RunFailure(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from None
-        say(f"resolved config (saved as {out_dir / 'config.toml'}; python -m engine.train --config reads it):")
-        say(resolved.rstrip())
-
-    parallel = f", {context.world_size} ranks ({'FSDP' if train_config.fsdp else 'DDP'})" if context.enabled else ""
-    say(f"{banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {device} "
-          f"{str(dtype).removeprefix('torch.')}, {train_config.max_steps} steps of "
-          f"{trainer.tokens_per_step:,} tokens, corpus {data.source} ({len(data.train):,} train / "
-          f"{len(data.val):,} val tokens, {data.tokenizer.kind} vocabulary of {data.tokenizer.vocab_size}){parallel}")
+        warn_slow_dtype(dtype, plan.device)
+    ops.set_backend(plan.train_config.backend)
+    plan, data, backends = set_up(plan, context, dtype, held)
+    config, out_dir = plan.train_config, plan.out_dir
+    trainer = Trainer(plan.model_config, config, data, out_dir, plan.device, dtype, plan.checkpoint, context=context)
+    if context.is_main:
+        write_run_files(plan, data, say)
+    parallel = f", {context.world_size} ranks ({'FSDP' if config.fsdp else 'DDP'})" if context.enabled else ""
+    say(f"{plan.banner}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {plan.device} "
+        f"{str(dtype).removeprefix('torch.')}, {config.max_steps} steps of "
+        f"{trainer.tokens_per_step:,} tokens, corpus {data.source} ({len(data.train):,} train / "
+        f"{len(data.val):,} val tokens, {data.tokenizer.kind} vocabulary of {data.tokenizer.vocab_size}){parallel}")
     say(f"backends: {backends}; run folder {out_dir}")
     try:
         status = trainer.run()
@@ -541,12 +429,12 @@ def train(args, checkpoint, model_config, train_config, device, context, out_dir
                          f"kept: make room and continue with --resume {out_dir}") from None
     except ValueError as exc:  # not bad input but a failure inside training: keep its traceback
         raise RuntimeError(f"training failed at step {trainer.step}: {exc}") from exc
-    if status == 0 and train_config.sample_tokens > 0 and context.is_main:
-        if train_config.fsdp:
+    if status == 0 and config.sample_tokens > 0 and context.is_main:
+        if config.fsdp:
             say(f"(no sample under --fsdp; run python -m engine.sample --run {out_dir})")
         else:
             say("sample:")
-            say(trainer.sample(train_config.sample_tokens))
+            say(trainer.sample(config.sample_tokens))
     return status
 
 

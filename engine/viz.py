@@ -32,10 +32,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
+from engine.config import ArgumentParser
 from engine.errors import UsageError, run_cli
 from engine.model import GPT, sinusoidal_positions
 from engine.sample import checkpoint_file, load_model
-from engine.train import ArgumentParser
 
 DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 DPI = 110

@@ -14,7 +14,7 @@ from bench import train as bench_train
 from engine import profiling
 from engine.data import ByteTokenizer, IdTokenizer, TokenData
 from engine.model import GPT, GPTConfig, preset
-from engine.train import resolve_dtype
+from engine.config import resolve_dtype
 from engine.trainer import TrainConfig, Trainer
 
 ROW_FIELDS = {"op", "backend", "label", "shape", "dtype", "pass", "status", "ms", "tflops", "gbps", "peak_mem_mb",

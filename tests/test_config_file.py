@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import UsageError
-from engine.train import config_toml, parse_args
+from engine.config import config_toml
+from engine.train import parse_args
 from engine.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -101,7 +101,7 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path, corpus):
     moments = {id(p): s["exp_avg"].clone() for p, s in trainer.optimizer.state.items()}
     loss, finite = trainer.train_step()
     assert not finite.item() and loss.item() == 0.0
-    assert trainer.skipped_steps.item() == 1 and trainer.bad_streak.item() == 1
+    assert trainer.guard.skipped_steps.item() == 1 and trainer.guard.bad_streak.item() == 1
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), weights[name]) or name == "blocks.0.fc1.bias", name
     for p, s in trainer.optimizer.state.items():

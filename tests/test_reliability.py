@@ -246,7 +246,7 @@ def test_metrics_never_hold_nan_or_infinity(tmp_path, corpus):
                              max_seq_len=16)
     trainer = Trainer(model_config, TrainConfig(batch_size=2, backend="torch"), data, tmp_path, torch.device("cpu"),
                       torch.float32)
-    trainer._write_metrics({"step": 1, "train_loss": float("nan"), "val_loss": float("inf"), "tokens": 64})
+    trainer.metrics.write({"step": 1, "train_loss": float("nan"), "val_loss": float("inf"), "tokens": 64})
     row = strict_json((tmp_path / "metrics.jsonl").read_text())
     assert row["train_loss"] is None and row["val_loss"] is None and row["tokens"] == 64
 
