@@ -39,19 +39,28 @@ class PlainAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
-class PlainBlock(nn.Module):
+class PlainFeedForward(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
-        self.ln1 = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.attn = PlainAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.fc1 = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = PlainAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ffn = PlainFeedForward(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate=self.approximate))
+        return x + self.ffn(self.ln2(x))
 
 
 class PlainGPT(nn.Module):

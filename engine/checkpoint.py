@@ -26,7 +26,11 @@ import torch
 from engine.errors import UsageError, os_error_in
 
 FORMAT = "gpt-engine-checkpoint"
-VERSION = 1
+# Version 2 names the feed-forward layers blocks.N.ffn.fc1/fc2 (version 1: blocks.N.fc1/fc2); load_checkpoint
+# renames a version 1 checkpoint's tensors as it reads them.
+VERSION = 2
+# blocks.N.fc1.weight (version 1) -> blocks.N.ffn.fc1.weight (version 2).
+_VERSION_1_NAME = re.compile(r"^(blocks\.\d+\.)(fc[12]\.)")
 CHECKPOINT_NAME = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "optimizer", "step", "model_config", "train_config", "tokenizer", "rng")
 DICT_KEYS = ("model", "optimizer", "model_config", "train_config", "tokenizer", "rng")
@@ -141,7 +145,7 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
         raise UsageError(load_failure(path, exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a gpt-engine checkpoint")
-    if state.get("version") != VERSION:
+    if state.get("version") not in (1, VERSION):
         raise UsageError(f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}")
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
@@ -149,4 +153,21 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
     malformed = [key for key in DICT_KEYS if not isinstance(state[key], dict)]
     if malformed or not isinstance(state["step"], int):
         raise UsageError(f"checkpoint {path} is malformed: {', '.join(malformed or ['step'])} of the wrong type")
+    if state["version"] == 1:
+        upgrade_from_version_1(state)
     return state
+
+
+def upgrade_from_version_1(state: dict) -> None:
+    """Rename a version 1 checkpoint's feed-forward tensors (model and optimizer state) as version 2 names them."""
+    def rename(name):
+        return _VERSION_1_NAME.sub(r"\1ffn.\2", name) if isinstance(name, str) else name
+
+    state["model"] = {rename(name): tensor for name, tensor in state["model"].items()}
+    optimizer = state["optimizer"]
+    if isinstance(optimizer.get("state"), dict):
+        optimizer["state"] = {rename(name): entry for name, entry in optimizer["state"].items()}
+    for group in optimizer.get("param_groups", []):
+        if isinstance(group, dict) and isinstance(group.get("params"), list):
+            group["params"] = [rename(name) for name in group["params"]]
+    state["version"] = VERSION

@@ -81,10 +81,10 @@ def weight_map(config: GPTConfig) -> list[tuple[str, str, bool]]:
             (ours + "attn.proj.weight", theirs + "attn.c_proj.weight", True),
             (ours + "attn.proj.bias", theirs + "attn.c_proj.bias", False),
             (ours + "ln2.weight", theirs + "ln_2.weight", False), (ours + "ln2.bias", theirs + "ln_2.bias", False),
-            (ours + "fc1.weight", theirs + "mlp.c_fc.weight", True),  # Conv1D (C, d_ff)
-            (ours + "fc1.bias", theirs + "mlp.c_fc.bias", False),
-            (ours + "fc2.weight", theirs + "mlp.c_proj.weight", True),  # Conv1D (d_ff, C)
-            (ours + "fc2.bias", theirs + "mlp.c_proj.bias", False),
+            (ours + "ffn.fc1.weight", theirs + "mlp.c_fc.weight", True),  # Conv1D (C, d_ff)
+            (ours + "ffn.fc1.bias", theirs + "mlp.c_fc.bias", False),
+            (ours + "ffn.fc2.weight", theirs + "mlp.c_proj.weight", True),  # Conv1D (d_ff, C)
+            (ours + "ffn.fc2.bias", theirs + "mlp.c_proj.bias", False),
         ]
     names += [("ln_f.weight", "ln_f.weight", False), ("ln_f.bias", "ln_f.bias", False)]
     return [(ours, "transformer." + theirs, transposed) for ours, theirs, transposed in names]

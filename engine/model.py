@@ -211,8 +211,7 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(config.d_ff, config.d_model, bias=config.bias)  # weight (d_model, d_ff)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        # fc1's mode, not this module's: a Block registers fc1 and fc2 but not the FeedForward (see Block).
-        dropout_p = self.dropout if self.fc1.training else 0.0
+        dropout_p = self.dropout if self.training else 0.0
         return ops.ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=residual,
                        activation=self.activation, dropout_p=dropout_p)
 
@@ -226,18 +225,13 @@ class Block(nn.Module):
         self.ln1 = LayerNorm(config.d_model, config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln2 = LayerNorm(config.d_model, config.bias)
-        feed_forward = FeedForward(config)
-        # The feed-forward layers are registered as the block's own fc1 and fc2, so that their parameters keep
-        # the names checkpoints, optimizer states and engine/hf.py's GPT-2 mapping use (blocks.N.fc1.weight);
-        # the FeedForward itself stays out of the module tree, or they would be registered twice.
-        self.fc1, self.fc2 = feed_forward.fc1, feed_forward.fc2
-        object.__setattr__(self, "feed_forward", feed_forward)
+        self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:
         with nvtx_range(self.attention_range):
             x = x + self.attn(self.ln1(x), kv)
         with nvtx_range(self.ffn_range):
-            return self.feed_forward(self.ln2(x), residual=x)
+            return self.ffn(self.ln2(x), residual=x)
 
 
 class GPT(nn.Module):

@@ -200,7 +200,7 @@ def test_plain_baseline_initializes_like_the_engine():
             assert math.isclose(parameter.std().item(), ours[name].std().item(), rel_tol=0.15), name
         else:
             assert torch.equal(parameter, ours[name]), name  # LayerNorm ones, bias zeros
-    assert math.isclose(ours["blocks.0.fc2.weight"].std().item(), 0.02 / 4, rel_tol=0.1)
+    assert math.isclose(ours["blocks.0.ffn.fc2.weight"].std().item(), 0.02 / 4, rel_tol=0.1)
 
 
 PLAIN_ARGS = ["--baseline", "plain", "--presets", "toy", "--steps", "2", "--batch-size", "2", "--eval-iters", "1",

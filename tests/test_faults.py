@@ -96,14 +96,14 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path, corpus):
     trainer = make_trainer(tmp_path, corpus)
     trainer.train_step()  # one good step, so the optimizer has state
     with torch.no_grad():
-        trainer.model.blocks[0].fc1.bias[0] = float("nan")  # every later loss is NaN
+        trainer.model.blocks[0].ffn.fc1.bias[0] = float("nan")  # every later loss is NaN
     weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     moments = {id(p): s["exp_avg"].clone() for p, s in trainer.optimizer.state.items()}
     loss, finite = trainer.train_step()
     assert not finite.item() and loss.item() == 0.0
     assert trainer.guard.skipped_steps.item() == 1 and trainer.guard.bad_streak.item() == 1
     for name, p in trainer.model.named_parameters():
-        assert torch.equal(p.detach(), weights[name]) or name == "blocks.0.fc1.bias", name
+        assert torch.equal(p.detach(), weights[name]) or name == "blocks.0.ffn.fc1.bias", name
     for p, s in trainer.optimizer.state.items():
         assert torch.equal(s["exp_avg"], moments[id(p)])
         assert s["step"].item() == 1  # the skipped step did not advance Adam's step count

@@ -135,24 +135,24 @@ def foreign_run(finished_run: Path, folder: Path, change) -> Path:
 
 
 def wrong_shape(state):
-    state["model"]["blocks.0.fc1.weight"] = torch.zeros(7, 16)
+    state["model"]["blocks.0.ffn.fc1.weight"] = torch.zeros(7, 16)
 
 
 def missing_tensor(state):
-    del state["model"]["blocks.0.fc1.weight"]
+    del state["model"]["blocks.0.ffn.fc1.weight"]
 
 
 def wrong_optimizer_shape(state):
-    state["optimizer"]["state"]["blocks.0.fc1.weight"]["exp_avg"] = torch.zeros(7, 16)
+    state["optimizer"]["state"]["blocks.0.ffn.fc1.weight"]["exp_avg"] = torch.zeros(7, 16)
 
 
 FOREIGN = {
     "extra model key": (lambda state: state["model_config"].update(flash=True), "flash"),
     "extra train key": (lambda state: state["train_config"].update(warp_speed=9), "warp_speed"),
-    "wrong shape": (wrong_shape, "blocks.0.fc1.weight has shape (7, 16), the model's config gives (32, 16)"),
-    "missing tensor": (missing_tensor, "blocks.0.fc1.weight"),
+    "wrong shape": (wrong_shape, "blocks.0.ffn.fc1.weight has shape (7, 16), the model's config gives (32, 16)"),
+    "missing tensor": (missing_tensor, "blocks.0.ffn.fc1.weight"),
     "object inside": (lambda state: state.update(extra=argparse.Namespace(a=1)), "argparse.Namespace"),
-    "wrong optimizer shape": (wrong_optimizer_shape, ("the optimizer's blocks.0.fc1.weight's exp_avg has shape "
+    "wrong optimizer shape": (wrong_optimizer_shape, ("the optimizer's blocks.0.ffn.fc1.weight's exp_avg has shape "
                                                       "(7, 16), the parameter has (32, 16)")),
 }
 TRAIN_ONLY = ("extra train key", "wrong optimizer shape")  # only a resumed run reads these

@@ -82,6 +82,28 @@ def test_resume_repeats_an_uninterrupted_run_exactly(tmp_path, corpus):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_a_version_1_checkpoint_resumes_exactly(tmp_path, corpus):
+    """Format version 1 named the feed-forward layers blocks.N.fc1/fc2; version 2 blocks.N.ffn.fc1/fc2."""
+    whole, old = tmp_path / "whole", tmp_path / "old"
+    assert main([*common_args(corpus), "--max-steps", "8", "--out", str(whole)]) == 0
+    assert main([*common_args(corpus), "--max-steps", "4", "--lr-decay-steps", "8", "--out", str(old)]) == 0
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+
+    def version_1_name(name):
+        return name.replace(".ffn.fc", ".fc")
+
+    state["model"] = {version_1_name(name): tensor for name, tensor in state["model"].items()}
+    state["optimizer"]["state"] = {version_1_name(name): entry for name, entry in state["optimizer"]["state"].items()}
+    for group in state["optimizer"]["param_groups"]:
+        group["params"] = [version_1_name(name) for name in group["params"]]
+    assert "blocks.0.fc1.weight" in state["model"] and "blocks.0.fc1.weight" in state["optimizer"]["state"]
+    save_checkpoint({**state, "version": 1}, old / "checkpoint.pt")
+    assert main(["--resume", str(old), "--max-steps", "8"]) == 0
+    assert train_losses(old) == train_losses(whole)
+    a, b = load_checkpoint(whole)["model"], load_checkpoint(old)["model"]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, corpus):
     run = tmp_path / "run"
     assert main([*common_args(corpus), "--max-steps", "4", "--out", str(run)]) == 0
