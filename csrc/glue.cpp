@@ -11,8 +11,9 @@
 // hands the ops bf16 or fp16 activations next to float32 biases and weights; the kernels take one
 // dtype, the activation's:
 // - bias_gelu, bias_gelu_backward: the bias (and grad) are cast to pre's dtype; outputs have it.
-// - bias_residual: y, bias and residual are cast to their promoted dtype (what `residual + y + bias`
-//   gives in PyTorch, float32 under autocast); the output has it.
+// - bias_residual: bias and residual are cast to their promoted dtype with y (what `residual + y + bias`
+//   gives in PyTorch, float32 under autocast); the output has it. y is cast too, except on the CPU, whose
+//   kernel reads a bf16/fp16 y next to a float32 residual as it is.
 // - layer_norm_forward: weight and bias are cast to x's dtype; y has it. layer_norm_backward computes
 //   in x's dtype and returns grad_weight and grad_bias in weight's dtype.
 // - attention: q, k, v and out share one dtype (an error otherwise), grad_out is cast to it.
@@ -348,7 +349,10 @@ at::Tensor bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& b
   check_float_type(residual, op, "residual");
   auto dtype = c10::promoteTypes(y.scalar_type(), residual.scalar_type());
   if (bias.has_value()) dtype = c10::promoteTypes(dtype, bias->scalar_type());
-  const at::Tensor y_ = prepared(y, dtype), residual_ = prepared(residual, dtype);
+  // The CPU kernel reads a bf16/fp16 y next to fp32 residual and output as it is (autocast's case); CUDA's
+  // kernels take one dtype.
+  const auto y_dtype = !y.is_cuda() && dtype == at::kFloat ? y.scalar_type() : dtype;
+  const at::Tensor y_ = prepared(y, y_dtype), residual_ = prepared(residual, dtype);
   const std::optional<at::Tensor> bias_ = prepared(bias, dtype);
   at::Tensor out = new_output(y.sizes(), dtype, y);
 #ifdef ENGINE_WITH_CUDA

@@ -22,8 +22,9 @@
 // Parallelism: over batch x heads (at::parallel_for); B * H below the thread count leaves
 // threads idle. Inputs (checked by csrc/glue.cpp): q, k, v, and in the backward grad_out and out,
 // (B, H, T, D) of one dtype, float32, float16 or bfloat16, with any strides (each head is packed,
-// so transposed views cost no copy); fp16/bf16 are converted to fp32 at the boundary (accumulation
-// is fp32 throughout) and the results rounded into the contiguous outputs. lse is fp32, (B, H, T),
+// so transposed views cost no copy); fp16/bf16 elements are widened to fp32 as they are packed
+// (accumulation is fp32 throughout) and the results rounded as they are written into the contiguous
+// outputs: no fp32 copy of a whole tensor is made. lse is fp32, (B, H, T),
 // natural log of the scaled scores.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -31,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -97,28 +99,31 @@ ENGINE_ALWAYS_INLINE void gemm_block(int64_t M, int64_t N, int64_t K, const floa
   }
 }
 
-// One head of a (B, H, T, D) fp32 tensor with any strides: element (t, d) is data[t * row + d * col].
+// One head of a (B, H, T, D) tensor of element type E with any strides: element (t, d) is
+// data[t * row + d * col].
+template <class E>
 struct HeadView {
-  const float* data;
+  const E* data;
   int64_t row, col;
-  ENGINE_ALWAYS_INLINE const float* row_data(int64_t t) const { return data + t * row; }
+  ENGINE_ALWAYS_INLINE const E* row_data(int64_t t) const { return data + t * row; }
 };
 
 // dst (rows_padded x cols_padded) = src (rows x cols) * factor, zero padded.
-ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const HeadView& src, int64_t rows, int64_t cols, int64_t rows_padded,
-                                    int64_t cols_padded, float factor) {
+template <class E>
+ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const HeadView<E>& src, int64_t rows, int64_t cols,
+                                    int64_t rows_padded, int64_t cols_padded, float factor) {
   for (int64_t i = 0; i < rows_padded; ++i) {
     float* out = dst + i * cols_padded;
     if (i >= rows) {
       std::fill(out, out + cols_padded, 0.0f);
       continue;
     }
-    const float* in = src.row_data(i);
+    const E* in = src.row_data(i);
     if (src.col == 1) {
       ENGINE_SIMD
-      for (int64_t c = 0; c < cols; ++c) out[c] = in[c] * factor;
+      for (int64_t c = 0; c < cols; ++c) out[c] = to_float(in[c]) * factor;
     } else {
-      for (int64_t c = 0; c < cols; ++c) out[c] = in[c * src.col] * factor;
+      for (int64_t c = 0; c < cols; ++c) out[c] = to_float(in[c * src.col]) * factor;
     }
     std::fill(out + cols, out + cols_padded, 0.0f);
   }
@@ -128,16 +133,17 @@ ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const HeadView& src, int64_t row
 // kBlock) matrix at dst + b * cols_padded * kBlock, zero padded. Transposing the whole (cols x T)
 // instead would put the rows a tile reads T floats apart, which for T a multiple of 1024 all fall
 // in the same L1 cache set.
-ENGINE_ALWAYS_INLINE void pack_transposed_blocks(float* dst, const HeadView& src, int64_t rows, int64_t cols,
+template <class E>
+ENGINE_ALWAYS_INLINE void pack_transposed_blocks(float* dst, const HeadView<E>& src, int64_t rows, int64_t cols,
                                                  int64_t rows_padded, int64_t cols_padded, float factor) {
   for (int64_t i0 = 0; i0 < rows_padded; i0 += kBlock) {
     float* block = dst + i0 * cols_padded;  // (cols_padded, kBlock)
     const int64_t valid_rows = std::min(kBlock, rows - i0);
     for (int64_t c = 0; c < cols; ++c) {
       float* out = block + c * kBlock;  // written contiguously, read with the row stride
-      const float* in = src.row_data(i0) + c * src.col;
+      const E* in = src.row_data(i0) + c * src.col;
       ENGINE_SIMD  // a gather of rows: 16 at a time instead of one scalar load each
-      for (int64_t i = 0; i < valid_rows; ++i) out[i] = in[i * src.row] * factor;
+      for (int64_t i = 0; i < valid_rows; ++i) out[i] = to_float(in[i * src.row]) * factor;
       std::fill(out + valid_rows, out + kBlock, 0.0f);
     }
     std::fill(block + cols * kBlock, block + cols_padded * kBlock, 0.0f);
@@ -155,27 +161,31 @@ struct HeadShape {
   int64_t padded_D() const { return round_up(D, kPadD); }
 };
 
-// Rows of a head as a matmul operand: the head itself when it already has the packed layout (contiguous
-// rows of exactly padded_D() floats, T a multiple of kBlock), else a packed copy in `buffer`.
+// Rows of a head as a matmul operand: the head itself when it already has the packed layout (float32,
+// contiguous rows of exactly padded_D() floats, T a multiple of kBlock), else a packed copy in `buffer`.
 struct Rows {
   const float* data;
   int64_t row;  // row stride, in floats
   ENGINE_ALWAYS_INLINE const float* row_data(int64_t t) const { return data + t * row; }
 };
 
-ENGINE_ALWAYS_INLINE Rows rows_or_pack(float* buffer, const HeadView& src, const HeadShape& s) {
+template <class E>
+ENGINE_ALWAYS_INLINE Rows rows_or_pack(float* buffer, const HeadView<E>& src, const HeadShape& s) {
   const int64_t Tp = s.padded_T(), Dp = s.padded_D();
-  if (src.col == 1 && src.row == Dp && s.T == Tp && s.D == Dp) return Rows{src.data, Dp};
+  if constexpr (std::is_same_v<E, float>) {
+    if (src.col == 1 && src.row == Dp && s.T == Tp && s.D == Dp) return Rows{src.data, Dp};
+  }
   pack_rows(buffer, src, s.T, s.D, Tp, Dp, 1.0f);
   return Rows{buffer, Dp};
 }
 
 // ---------------------------------------------------------------------------------- forward
 
+template <class E>
 struct ForwardHead {
   HeadShape shape;
-  HeadView q, k, v;
-  float* out;  // (T, D) contiguous
+  HeadView<E> q, k, v;
+  E* out;      // (T, D) contiguous
   float* lse;  // (T,)
   bool causal;
   float scale;
@@ -190,8 +200,8 @@ struct ForwardHead {
 // The score tile is computed transposed, St = K Qs^T (keys x queries), so that the softmax
 // statistics of the 64 queries are vectors: the row max and row sum become element-wise max and
 // add over the tile's rows, with no horizontal reduction and no per-query scalar work.
-template <class Tile>
-ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
+template <class Tile, class E>
+ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead<E>& h) {
   const int64_t T = h.shape.T, D = h.shape.D, Tp = h.shape.padded_T(), Dp = h.shape.padded_D();
   float* Qt = h.workspace;           // (Tp / kBlock) x (Dp, kBlock): Q * scale * log2(e), transposed per block
   float* Kp = Qt + Dp * Tp;          // (Tp, Dp), if K needs packing
@@ -265,15 +275,15 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead& h) {
     for (int64_t r = 0; r < rows; ++r) {
       const float inverse_l = 1.0f / l[r];
       const float* o = O + r * Dp;
-      float* out = h.out + (q0 + r) * D;
+      E* out = h.out + (q0 + r) * D;
       ENGINE_SIMD
-      for (int64_t d = 0; d < D; ++d) out[d] = o[d] * inverse_l;
+      for (int64_t d = 0; d < D; ++d) out[d] = from_float<E>(o[d] * inverse_l);
       h.lse[q0 + r] = (m[r] + std::log2(l[r])) * kLn2;  // back to natural-log units
     }
   }
 }
 
-ENGINE_ISA_VARIANTS(attention_forward_head, forward_head, ForwardHead)
+ENGINE_ISA_VARIANTS_PER_ELEMENT(attention_forward_head, forward_head, ForwardHead)
 
 // --------------------------------------------------------------------------------- backward
 //
@@ -286,13 +296,14 @@ ENGINE_ISA_VARIANTS(attention_forward_head, forward_head, ForwardHead)
 // key blocks of a head, accumulating dK and dV of the block over the query blocks that see it,
 // and dQ of the whole head in a buffer of its own (no atomics, no cross-thread reduction).
 
+template <class E>
 struct BackwardHead {
   HeadShape shape;
-  HeadView grad_out, q, k, v, out;
+  HeadView<E> grad_out, q, k, v, out;
   const float* lse;  // (T,)
-  float* grad_q;     // (T, D) contiguous, each
-  float* grad_k;
-  float* grad_v;
+  E* grad_q;         // (T, D) contiguous, each
+  E* grad_k;
+  E* grad_v;
   bool causal;
   float scale;
   float* workspace;  // workspace_floats(shape) floats
@@ -303,8 +314,8 @@ struct BackwardHead {
   }
 };
 
-template <class Tile>
-ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
+template <class Tile, class E>
+ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead<E>& h) {
   const int64_t T = h.shape.T, D = h.shape.D, Tp = h.shape.padded_T(), Dp = h.shape.padded_D();
   float* Qs = h.workspace;           // (Tp, Dp): Q * scale * log2(e)
   float* Kp = Qs + Tp * Dp;          // (Tp, Dp), if K needs packing
@@ -368,26 +379,26 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead& h) {
     }
     const int64_t rows = std::min(kBlock, T - k0);
     for (int64_t r = 0; r < rows; ++r) {
-      float* grad_k = h.grad_k + (k0 + r) * D;
-      float* grad_v = h.grad_v + (k0 + r) * D;
+      E* grad_k = h.grad_k + (k0 + r) * D;
+      E* grad_v = h.grad_v + (k0 + r) * D;
       const float* dk = dK + r * Dp;
       const float* dv = dV + r * Dp;
       ENGINE_SIMD
       for (int64_t d = 0; d < D; ++d) {
-        grad_k[d] = dk[d] * kLn2;
-        grad_v[d] = dv[d];
+        grad_k[d] = from_float<E>(dk[d] * kLn2);
+        grad_v[d] = from_float<E>(dv[d]);
       }
     }
   }
   for (int64_t i = 0; i < T; ++i) {
-    float* grad_q = h.grad_q + i * D;
+    E* grad_q = h.grad_q + i * D;
     const float* dq = dQ + i * Dp;
     ENGINE_SIMD
-    for (int64_t d = 0; d < D; ++d) grad_q[d] = dq[d] * h.scale;
+    for (int64_t d = 0; d < D; ++d) grad_q[d] = from_float<E>(dq[d] * h.scale);
   }
 }
 
-ENGINE_ISA_VARIANTS(attention_backward_head, backward_head, BackwardHead)
+ENGINE_ISA_VARIANTS_PER_ELEMENT(attention_backward_head, backward_head, BackwardHead)
 
 // Scratch memory of the calling thread, kept between calls: allocating it per call would page-fault
 // fresh memory in every call (about 0.1 ms per MB). Grows to the largest size asked for.
@@ -399,9 +410,10 @@ float* thread_workspace(int64_t floats) {
   return workspace.data();
 }
 
-// Head (b, h) of a (B, H, T, D) float32 tensor.
-HeadView head_view(const at::Tensor& t, int64_t b, int64_t h) {
-  return HeadView{t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
+// Head (b, h) of a (B, H, T, D) tensor of element type E.
+template <class E>
+HeadView<E> head_view(const at::Tensor& t, int64_t b, int64_t h) {
+  return HeadView<E>{t.data_ptr<E>() + b * t.stride(0) + h * t.stride(1), t.stride(2), t.stride(3)};
 }
 
 }  // namespace
@@ -410,20 +422,21 @@ void attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const at::Tensor& lse, bool causal, float scale) {
   if (out.numel() == 0) return;
   const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
-  const at::Tensor q32 = as_float(q), k32 = as_float(k), v32 = as_float(v);
-  const at::Tensor out32 = float_buffer(out);
   const HeadShape shape{T, D};
-  float* out_data = out32.data_ptr<float>();
   float* lse_data = lse.data_ptr<float>();
-  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
-    float* workspace = thread_workspace(ForwardHead::workspace_floats(shape));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      attention_forward_head(ForwardHead{shape, head_view(q32, b, h), head_view(k32, b, h), head_view(v32, b, h),
-                                         out_data + bh * T * D, lse_data + bh * T, causal, scale, workspace});
-    }
+  with_element_type(q.scalar_type(), [&](auto element) {
+    using E = decltype(element);
+    E* out_data = out.data_ptr<E>();
+    at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+      float* workspace = thread_workspace(ForwardHead<E>::workspace_floats(shape));
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        attention_forward_head(ForwardHead<E>{shape, head_view<E>(q, b, h), head_view<E>(k, b, h),
+                                              head_view<E>(v, b, h), out_data + bh * T * D, lse_data + bh * T,
+                                              causal, scale, workspace});
+      }
+    });
   });
-  store(out, out32);
 }
 
 void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -431,27 +444,25 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
                         const at::Tensor& grad_k, const at::Tensor& grad_v, bool causal, float scale) {
   if (grad_q.numel() == 0) return;
   const int64_t H = q.size(1), T = q.size(2), D = q.size(3);
-  const at::Tensor grad_out32 = as_float(grad_out), q32 = as_float(q), k32 = as_float(k), v32 = as_float(v),
-                   out32 = as_float(out);
-  const at::Tensor grad_q32 = float_buffer(grad_q), grad_k32 = float_buffer(grad_k), grad_v32 = float_buffer(grad_v);
   const HeadShape shape{T, D};
   const float* lse_data = lse.data_ptr<float>();
-  float* grad_q_data = grad_q32.data_ptr<float>();
-  float* grad_k_data = grad_k32.data_ptr<float>();
-  float* grad_v_data = grad_v32.data_ptr<float>();
-  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
-    float* workspace = thread_workspace(BackwardHead::workspace_floats(shape));
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, offset = bh * T * D;
-      attention_backward_head(BackwardHead{shape, head_view(grad_out32, b, h), head_view(q32, b, h),
-                                           head_view(k32, b, h), head_view(v32, b, h), head_view(out32, b, h),
-                                           lse_data + bh * T, grad_q_data + offset, grad_k_data + offset,
-                                           grad_v_data + offset, causal, scale, workspace});
-    }
+  with_element_type(q.scalar_type(), [&](auto element) {
+    using E = decltype(element);
+    E* grad_q_data = grad_q.data_ptr<E>();
+    E* grad_k_data = grad_k.data_ptr<E>();
+    E* grad_v_data = grad_v.data_ptr<E>();
+    at::parallel_for(0, q.size(0) * H, 1, [&](int64_t begin, int64_t end) {
+      float* workspace = thread_workspace(BackwardHead<E>::workspace_floats(shape));
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H, offset = bh * T * D;
+        attention_backward_head(BackwardHead<E>{shape, head_view<E>(grad_out, b, h), head_view<E>(q, b, h),
+                                                head_view<E>(k, b, h), head_view<E>(v, b, h),
+                                                head_view<E>(out, b, h), lse_data + bh * T, grad_q_data + offset,
+                                                grad_k_data + offset, grad_v_data + offset, causal, scale,
+                                                workspace});
+      }
+    });
   });
-  store(grad_q, grad_q32);
-  store(grad_k, grad_k32);
-  store(grad_v, grad_v32);
 }
 
 }  // namespace engine::cpu

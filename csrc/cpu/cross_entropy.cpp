@@ -9,7 +9,7 @@
 // softmax(x)_j = exp(x_j - lse); 0 for ignored rows.
 //
 // Inputs (checked and made contiguous by csrc/glue.cpp): logits (N, V), float32, float16 or bfloat16
-// (computed in fp32); targets (N,) int64 in [0, V) or equal to ignore_index (checked here, naming the
+// (read in that dtype, computed in fp32; the gradient is written in it); targets (N,) int64 in [0, V) or equal to ignore_index (checked here, naming the
 // first bad row). Row losses are summed in double, in row order. Parallel over rows.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,50 +26,53 @@
 namespace engine::cpu {
 namespace {
 
+template <class T>
 struct CrossEntropyRows {
-  const float* logits;    // (rows, vocab)
+  const T* logits;         // (rows, vocab)
   const int64_t* targets;  // (rows,)
   float* lse;              // (rows,): output of the forward, input of the backward
   float* row_loss;         // (rows,): forward only
-  float* grad_logits;      // (rows, vocab): backward only
+  T* grad_logits;          // (rows, vocab): backward only
   int64_t vocab, row_begin, row_end, ignore_index;
   float grad_scale;  // backward: grad_loss / count
 };
 
-template <class Tile>
-ENGINE_ALWAYS_INLINE void cross_entropy_forward_rows(const CrossEntropyRows& p) {
+template <class Tile, class T>
+ENGINE_ALWAYS_INLINE void cross_entropy_forward_rows(const CrossEntropyRows<T>& p) {
   for (int64_t row = p.row_begin; row < p.row_end; ++row) {
-    const float* x = p.logits + row * p.vocab;
+    const T* x = p.logits + row * p.vocab;
     float row_max = -std::numeric_limits<float>::infinity();
     ENGINE_SIMD_REDUCE(max, row_max)
-    for (int64_t j = 0; j < p.vocab; ++j) row_max = x[j] > row_max ? x[j] : row_max;
-    const float sum = sum_terms(p.vocab, [&](int64_t j) ENGINE_INLINE_LAMBDA { return exp_approx(x[j] - row_max); });
+    for (int64_t j = 0; j < p.vocab; ++j) row_max = to_float(x[j]) > row_max ? to_float(x[j]) : row_max;
+    const float sum = sum_terms(p.vocab, [&](int64_t j) ENGINE_INLINE_LAMBDA {
+      return exp_approx(to_float(x[j]) - row_max);
+    });
     const float lse = row_max + std::log(sum);
     p.lse[row] = lse;
     const int64_t target = p.targets[row];
-    p.row_loss[row] = target == p.ignore_index ? 0.0f : lse - x[target];
+    p.row_loss[row] = target == p.ignore_index ? 0.0f : lse - to_float(x[target]);
   }
 }
 
-template <class Tile>
-ENGINE_ALWAYS_INLINE void cross_entropy_backward_rows(const CrossEntropyRows& p) {
+template <class Tile, class T>
+ENGINE_ALWAYS_INLINE void cross_entropy_backward_rows(const CrossEntropyRows<T>& p) {
   for (int64_t row = p.row_begin; row < p.row_end; ++row) {
-    const float* x = p.logits + row * p.vocab;
-    float* grad = p.grad_logits + row * p.vocab;
+    const T* x = p.logits + row * p.vocab;
+    T* grad = p.grad_logits + row * p.vocab;
     const int64_t target = p.targets[row];
     if (target == p.ignore_index) {
-      std::fill(grad, grad + p.vocab, 0.0f);
+      std::fill(grad, grad + p.vocab, from_float<T>(0.0f));
       continue;
     }
     const float lse = p.lse[row];
     ENGINE_SIMD
-    for (int64_t j = 0; j < p.vocab; ++j) grad[j] = p.grad_scale * exp_approx(x[j] - lse);
-    grad[target] -= p.grad_scale;
+    for (int64_t j = 0; j < p.vocab; ++j) grad[j] = from_float<T>(p.grad_scale * exp_approx(to_float(x[j]) - lse));
+    grad[target] = from_float<T>(to_float(grad[target]) - p.grad_scale);
   }
 }
 
-ENGINE_ISA_VARIANTS(run_cross_entropy_forward, cross_entropy_forward_rows, CrossEntropyRows)
-ENGINE_ISA_VARIANTS(run_cross_entropy_backward, cross_entropy_backward_rows, CrossEntropyRows)
+ENGINE_ISA_VARIANTS_PER_ELEMENT(run_cross_entropy_forward, cross_entropy_forward_rows, CrossEntropyRows)
+ENGINE_ISA_VARIANTS_PER_ELEMENT(run_cross_entropy_backward, cross_entropy_backward_rows, CrossEntropyRows)
 
 // Rows whose target is not ignore_index; every other target must index a logit.
 int64_t count_and_check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore_index, const char* op) {
@@ -94,15 +97,17 @@ void cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets, 
                            const at::Tensor& lse, int64_t ignore_index) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const int64_t count = count_and_check_targets(targets, vocab, ignore_index, "engine::cross_entropy_forward");
-  const at::Tensor logits32 = as_float(logits);
   std::vector<float> row_loss(rows);
-  const CrossEntropyRows params{logits32.data_ptr<float>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                                row_loss.data(), nullptr, vocab, 0, 0, ignore_index, 0.0f};
-  at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-    CrossEntropyRows chunk = params;
-    chunk.row_begin = begin;
-    chunk.row_end = end;
-    run_cross_entropy_forward(chunk);
+  with_element_type(logits.scalar_type(), [&](auto element) {
+    using T = decltype(element);
+    const CrossEntropyRows<T> params{logits.data_ptr<T>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                                     row_loss.data(), nullptr, vocab, 0, 0, ignore_index, 0.0f};
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      CrossEntropyRows<T> chunk = params;
+      chunk.row_begin = begin;
+      chunk.row_end = end;
+      run_cross_entropy_forward(chunk);
+    });
   });
   double total = 0.0;
   for (float value : row_loss) total += value;
@@ -113,18 +118,18 @@ void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logit
                             const at::Tensor& lse, const at::Tensor& grad_logits, int64_t ignore_index) {
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   const int64_t count = count_and_check_targets(targets, vocab, ignore_index, "engine::cross_entropy_backward");
-  const at::Tensor logits32 = as_float(logits);
-  const at::Tensor grad32 = float_buffer(grad_logits);
   const float grad_scale = static_cast<float>(grad_loss.item<double>() / static_cast<double>(count));
-  const CrossEntropyRows params{logits32.data_ptr<float>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                                nullptr, grad32.data_ptr<float>(), vocab, 0, 0, ignore_index, grad_scale};
-  at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
-    CrossEntropyRows chunk = params;
-    chunk.row_begin = begin;
-    chunk.row_end = end;
-    run_cross_entropy_backward(chunk);
+  with_element_type(logits.scalar_type(), [&](auto element) {
+    using T = decltype(element);
+    const CrossEntropyRows<T> params{logits.data_ptr<T>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                                     nullptr, grad_logits.data_ptr<T>(), vocab, 0, 0, ignore_index, grad_scale};
+    at::parallel_for(0, rows, row_grain(vocab), [&](int64_t begin, int64_t end) {
+      CrossEntropyRows<T> chunk = params;
+      chunk.row_begin = begin;
+      chunk.row_end = end;
+      run_cross_entropy_backward(chunk);
+    });
   });
-  store(grad_logits, grad32);
 }
 
 }  // namespace engine::cpu

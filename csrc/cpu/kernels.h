@@ -5,11 +5,13 @@
 // per op for the inputs, outputs and biases or weights, float32 statistics, int64 targets), made the
 // matrices contiguous and allocated the outputs (contiguous, in that dtype). Attention's q, k, v,
 // grad_out and out may have any strides: the kernels pack each head, so the model's transposed views
-// cost no copy. The kernels compute in fp32 and round into the outputs once.
+// cost no copy. The kernels read and write each tensor in its own dtype and compute in fp32 (simd.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <optional>
 
@@ -27,6 +29,7 @@ void bias_gelu(const at::Tensor& pre, const std::optional<at::Tensor>& bias, con
                bool tanh_approx);
 void bias_gelu_backward(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
                         const at::Tensor& grad_pre, bool tanh_approx);
+// bias_residual: residual and out share one dtype; y has it too, or is bf16/fp16 next to fp32 ones.
 void bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                    const at::Tensor& out);
 
@@ -47,17 +50,14 @@ void cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logit
 
 // ---- helpers of the kernel files
 
-// t itself when it is float32, else a float32 copy (same strides where torch keeps them).
-inline at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
-
-// Where a kernel writes `out` in fp32: out itself when it is float32, else a new contiguous float32 tensor
-// that store() then rounds into out.
-inline at::Tensor float_buffer(const at::Tensor& out) {
-  return out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
-}
-
-inline void store(const at::Tensor& out, const at::Tensor& buffer) {
-  if (!buffer.is_same(out)) out.copy_(buffer);
+// f(T{}) with T the C++ element type of `dtype`: float, c10::BFloat16 or c10::Half (the glue has checked it).
+template <class F>
+decltype(auto) with_element_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(dtype == at::kFloat, "engine CPU kernels: unsupported dtype ", dtype); return f(float{});
+  }
 }
 
 }  // namespace engine::cpu

@@ -17,6 +17,9 @@
 // ENGINE_CPU_ISA=base|avx2|avx512 forces a lower variant (tests use it to cover all three).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -81,6 +84,51 @@ struct TileBase { static constexpr int kRows = 4, kCols = 8; };
 #define ENGINE_ISA_VARIANTS(name, impl, Params) \
   static void name(const Params& params) { impl<::engine::cpu::TileBase>(params); }
 #endif
+
+// ENGINE_ISA_VARIANTS for a kernel whose Params is a template over the tensors' element type
+// (below): overloads of `name` for Params<float>, Params<c10::BFloat16> and Params<c10::Half>.
+#define ENGINE_ISA_VARIANTS_PER_ELEMENT(name, impl, Params)  \
+  ENGINE_ISA_VARIANTS(name, impl, Params<float>)             \
+  ENGINE_ISA_VARIANTS(name, impl, Params<::c10::BFloat16>)   \
+  ENGINE_ISA_VARIANTS(name, impl, Params<::c10::Half>)
+
+// Element types. The kernels read and write float32, bfloat16 and float16 tensors in place and
+// compute in fp32: to_float widens an element as it is loaded, from_float<T> rounds a result as
+// it is stored (to nearest, ties to even, as PyTorch's casts). For bf16 both are a few integer
+// operations that vectorize with the loop, so a bf16 tensor is never copied to fp32 and back:
+// under autocast that copy used to cost more than some of the kernels themselves.
+ENGINE_ALWAYS_INLINE float to_float(float x) { return x; }
+
+ENGINE_ALWAYS_INLINE float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;  // bf16 is the high half of an fp32
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+ENGINE_ALWAYS_INLINE float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <class T>
+ENGINE_ALWAYS_INLINE T from_float(float x);
+
+template <>
+ENGINE_ALWAYS_INLINE float from_float<float>(float x) {
+  return x;
+}
+
+template <>
+ENGINE_ALWAYS_INLINE c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  // Round the low 16 bits to nearest, ties to even; NaN stays a (quiet) NaN.
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+template <>
+ENGINE_ALWAYS_INLINE c10::Half from_float<c10::Half>(float x) {
+  return c10::Half(x);
+}
 
 constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
 constexpr float kLn2 = 0.6931471805599453f;     // ln(2)
