@@ -42,7 +42,7 @@ namespace engine::cpu {
 namespace {
 
 constexpr int64_t kBlock = 64;  // query and key block (rows of a score tile)
-constexpr int64_t kPadD = 32;   // head dimension padded to a multiple of every tile's kCols
+constexpr int64_t kPadD = 16;   // head dimension padded to a multiple of 16 (see gemm_block_dp)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // On a causal diagonal tile (query block == key block), the part of a product that the mask zeroes:
@@ -99,6 +99,27 @@ ENGINE_ALWAYS_INLINE void gemm_block(int64_t M, int64_t N, int64_t K, const floa
   }
 }
 
+// The register tile of a product whose columns are the padded head dimension Dp: with AVX-512's 32-column
+// tile a head dimension of 16 (or 48, 80, ...) would be padded to the next multiple of 32, which for
+// D = 16 doubles the work of every product. Such products use a 16-column tile with as many accumulators
+// (twice the rows) instead. AVX2's and the baseline's tiles divide 16 already.
+template <class Tile>
+struct NarrowTile {
+  static constexpr int kCols = 16;
+  static constexpr int kRows = Tile::kRows * Tile::kCols / kCols;
+};
+
+// gemm_block for N = Dp (a multiple of kPadD): the ISA's tile when it divides N, else NarrowTile.
+template <class Tile, bool kAccumulate>
+ENGINE_ALWAYS_INLINE void gemm_block_dp(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_row, int64_t a_col,
+                                        const float* B, int64_t ldb, float* C, int64_t ldc, Causal causal) {
+  if (N % Tile::kCols == 0) {
+    gemm_block<Tile, kAccumulate>(M, N, K, A, a_row, a_col, B, ldb, C, ldc, causal);
+  } else {
+    gemm_block<NarrowTile<Tile>, kAccumulate>(M, N, K, A, a_row, a_col, B, ldb, C, ldc, causal);
+  }
+}
+
 // One head of a (B, H, T, D) tensor of element type E with any strides: element (t, d) is
 // data[t * row + d * col].
 template <class E>
@@ -132,18 +153,23 @@ ENGINE_ALWAYS_INLINE void pack_rows(float* dst, const HeadView<E>& src, int64_t 
 // Transpose src (rows x cols) * factor block by block: block b (rows b*kBlock ..) becomes a (cols_padded x
 // kBlock) matrix at dst + b * cols_padded * kBlock, zero padded. Transposing the whole (cols x T)
 // instead would put the rows a tile reads T floats apart, which for T a multiple of 1024 all fall
-// in the same L1 cache set.
+// in the same L1 cache set. Each block is first packed row by row into `scratch` (kBlock x cols_padded
+// floats, in L1): contiguous, vectorized reads of the source, which has any strides and may be bf16/fp16
+// (a gather of 16-bit elements would be scalar), then transposed from there.
 template <class E>
 ENGINE_ALWAYS_INLINE void pack_transposed_blocks(float* dst, const HeadView<E>& src, int64_t rows, int64_t cols,
-                                                 int64_t rows_padded, int64_t cols_padded, float factor) {
+                                                 int64_t rows_padded, int64_t cols_padded, float factor,
+                                                 float* scratch) {
   for (int64_t i0 = 0; i0 < rows_padded; i0 += kBlock) {
     float* block = dst + i0 * cols_padded;  // (cols_padded, kBlock)
     const int64_t valid_rows = std::min(kBlock, rows - i0);
+    pack_rows(scratch, HeadView<E>{src.row_data(i0), src.row, src.col}, valid_rows, cols, valid_rows, cols_padded,
+              factor);
     for (int64_t c = 0; c < cols; ++c) {
       float* out = block + c * kBlock;  // written contiguously, read with the row stride
-      const E* in = src.row_data(i0) + c * src.col;
+      const float* in = scratch + c;
       ENGINE_SIMD  // a gather of rows: 16 at a time instead of one scalar load each
-      for (int64_t i = 0; i < valid_rows; ++i) out[i] = to_float(in[i * src.row]) * factor;
+      for (int64_t i = 0; i < valid_rows; ++i) out[i] = in[i * cols_padded];
       std::fill(out + valid_rows, out + kBlock, 0.0f);
     }
     std::fill(block + cols * kBlock, block + cols_padded * kBlock, 0.0f);
@@ -213,7 +239,7 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead<E>& h) {
   float* tile_max = l + kBlock;      // (kBlock,): per query, of this tile
   float* tile_sum = tile_max + kBlock;
   float* alpha = tile_sum + kBlock;  // (kBlock,): exp2(m_old - m_new)
-  pack_transposed_blocks(Qt, h.q, T, D, Tp, Dp, h.scale * kLog2e);
+  pack_transposed_blocks(Qt, h.q, T, D, Tp, Dp, h.scale * kLog2e, O);  // O is free until the loop
   const Rows K = rows_or_pack(Kp, h.k, h.shape), V = rows_or_pack(Vp, h.v, h.shape);
 
   for (int64_t q0 = 0; q0 < T; q0 += kBlock) {
@@ -268,7 +294,7 @@ ENGINE_ALWAYS_INLINE void forward_head(const ForwardHead<E>& h) {
           for (int64_t d = 0; d < Dp; ++d) o[d] *= alpha[i];
         }
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, St, 1, kBlock, V.row_data(k0), V.row, O, Dp,
+      gemm_block_dp<Tile, true>(kBlock, Dp, kBlock, St, 1, kBlock, V.row_data(k0), V.row, O, Dp,
                              diagonal ? Causal::kReduceUpToRow : Causal::kFull);  // O += P V, P = St^T
     }
     const int64_t rows = std::min(kBlock, T - q0);
@@ -331,8 +357,8 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead<E>& h) {
   float* dV = dK + kBlock * Dp;      // (kBlock, Dp)
   pack_rows(Qs, h.q, T, D, Tp, Dp, h.scale * kLog2e);
   const Rows K = rows_or_pack(Kp, h.k, h.shape);
-  pack_transposed_blocks(Kt, h.k, T, D, Tp, Dp, 1.0f);
-  pack_transposed_blocks(Vt, h.v, T, D, Tp, Dp, 1.0f);
+  pack_transposed_blocks(Kt, h.k, T, D, Tp, Dp, 1.0f, dK);  // dK is free until the loop
+  pack_transposed_blocks(Vt, h.v, T, D, Tp, Dp, 1.0f, dK);
   const Rows dO = rows_or_pack(dOp, h.grad_out, h.shape);
   // Padded query rows get lse2 = 0 and Delta = 0: their dO rows are zero, so they add nothing.
   // O is read as contiguous rows (packed into dQ, zeroed after, if need be) so that Delta's dot
@@ -360,7 +386,7 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead<E>& h) {
         ENGINE_SIMD
         for (int64_t j = 0; j < kBlock; ++j) p[j] = j < valid ? exp2_approx(p[j] - row_lse2) : 0.0f;
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, P, 1, kBlock, dO.row_data(q0), dO.row, dV, Dp,
+      gemm_block_dp<Tile, true>(kBlock, Dp, kBlock, P, 1, kBlock, dO.row_data(q0), dO.row, dV, Dp,
                              diagonal ? Causal::kReduceFromRow : Causal::kFull);  // dV += P^T dO
       gemm_block<Tile, false>(kBlock, kBlock, Dp, dO.row_data(q0), dO.row, 1, Vt + k0 * Dp, kBlock, dS, kBlock,
                               diagonal ? Causal::kColumnsUpToRow : Causal::kFull);  // dP = dO V^T
@@ -372,9 +398,9 @@ ENGINE_ALWAYS_INLINE void backward_head(const BackwardHead<E>& h) {
         ENGINE_SIMD
         for (int64_t j = 0; j < kBlock; ++j) ds[j] = j < valid ? p[j] * (ds[j] - row_delta) : 0.0f;
       }
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, 1, kBlock, Qs + q0 * Dp, Dp, dK, Dp,
+      gemm_block_dp<Tile, true>(kBlock, Dp, kBlock, dS, 1, kBlock, Qs + q0 * Dp, Dp, dK, Dp,
                              diagonal ? Causal::kReduceFromRow : Causal::kFull);  // dK += dS^T Qs
-      gemm_block<Tile, true>(kBlock, Dp, kBlock, dS, kBlock, 1, K.row_data(k0), K.row, dQ + q0 * Dp, Dp,
+      gemm_block_dp<Tile, true>(kBlock, Dp, kBlock, dS, kBlock, 1, K.row_data(k0), K.row, dQ + q0 * Dp, Dp,
                              diagonal ? Causal::kReduceUpToRow : Causal::kFull);  // dQ += dS K
     }
     const int64_t rows = std::min(kBlock, T - k0);
