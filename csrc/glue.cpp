@@ -503,28 +503,35 @@ at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor&
   return grad_logits;
 }
 
-// ------------------------------------------------------------------------------ attention's autograd
+// ------------------------------------------------------------------------------ autograd formulas
 //
-// The autograd formula of engine::attention_forward, for every device (the Autograd key): the
-// forward saves q, k, v, out and lse; the backward calls engine::attention_backward. It lives here,
-// in C++, rather than in a Python register_autograd (as the other ops' formulas do) because the
-// Python path costs about 60 to 100 us per forward+backward on this 2-core CPU (the wrapper's
-// Python frames, the ctx object, the garbage collector it wakes), about 10% of a T = 256 call.
-// Both ops are called through the dispatcher, so torch.compile and the fake functions see them.
+// The autograd formula of every forward op, for every device (the Autograd key): each forward saves what
+// its backward needs and the backward calls the backward op. They live here, in C++, rather than in
+// Python register_autograd: the Python path cost about 60 to 100 us per op and step on the 2-core CPU (the
+// wrapper's Python frames, the ctx object, the garbage collector it wakes), which summed to a quarter of
+// a small model's step. Every op is called through the dispatcher (below autograd), so torch.compile and
+// the fake functions (engine/ops/extension.py) see them. Auxiliary outputs (lse, mean, rstd) are not
+// differentiable: engine.ops never returns them.
 
-using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-                                                   double);
-using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&, bool, double);
+// The typed handle of an op of the engine library, looked up once per call site.
+template <class Signature>
+c10::TypedOperatorHandle<Signature> engine_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// The column sums of grad (N, C) in fp32, as `dtype`: the gradient of a bias broadcast over rows.
+at::Tensor bias_gradient(const at::Tensor& grad, at::ScalarType dtype) {
+  return grad.sum(0, /*keepdim=*/false, at::kFloat).to(dtype);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
-                                                const at::Tensor& k, const at::Tensor& v, bool causal,
-                                                double scale) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("engine::attention_forward", "").typed<Forward>();
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               bool causal, double scale) {
+    static const auto op = engine_op<decltype(attention_forward)>("engine::attention_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the call below goes to the kernel, not back here
     auto [out, lse] = op.call(q, k, v, causal, scale);
     ctx->save_for_backward({q, k, v, out, lse});
@@ -534,10 +541,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     return {out, lse};
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("engine::attention_backward", "").typed<Backward>();
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = engine_op<decltype(attention_backward)>("engine::attention_backward");
     const auto saved = ctx->get_saved_variables();
     auto [grad_q, grad_k, grad_v] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                                             ctx->saved_data["causal"].toBool(), ctx->saved_data["scale"].toDouble());
@@ -545,10 +550,114 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_autograd(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v, bool causal, double scale) {
-  auto outputs = AttentionFunction::apply(q, k, v, causal, scale);
-  return {outputs[0], outputs[1]};
+// act(pre + bias): d/d pre = grad * act'(pre + bias); d/d bias = its column sums.
+class BiasGeluFunction : public torch::autograd::Function<BiasGeluFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                            bool tanh_approx) {
+    static const auto op = engine_op<decltype(bias_gelu)>("engine::bias_gelu");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({pre, bias.value_or(at::Tensor())});
+    ctx->saved_data["tanh_approx"] = tanh_approx;
+    return op.call(pre, bias, tanh_approx);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = engine_op<decltype(bias_gelu_backward)>("engine::bias_gelu_backward");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& bias = saved[1];
+    const std::optional<at::Tensor> optional_bias = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    at::Tensor grad_pre = op.call(grads[0], saved[0], optional_bias, ctx->saved_data["tanh_approx"].toBool());
+    at::Tensor grad_bias = bias.defined() ? bias_gradient(grad_pre, bias.scalar_type()) : at::Tensor();
+    return {grad_pre, grad_bias, at::Tensor()};
+  }
+};
+
+// residual + y + bias: each input's gradient is grad, in its own dtype (the bias's summed over rows).
+class BiasResidualFunction : public torch::autograd::Function<BiasResidualFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const std::optional<at::Tensor>& bias,
+                            const at::Tensor& residual) {
+    static const auto op = engine_op<decltype(bias_residual)>("engine::bias_residual");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
+    ctx->saved_data["residual_dtype"] = static_cast<int64_t>(residual.scalar_type());
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+    return op.call(y, bias, residual);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad = grads[0];
+    const auto dtype = [&](const char* name) { return static_cast<at::ScalarType>(ctx->saved_data[name].toInt()); };
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    at::Tensor grad_bias = bias_dtype >= 0 ? bias_gradient(grad, dtype("bias_dtype")) : at::Tensor();
+    return {grad.to(dtype("y_dtype")), grad_bias, grad.to(dtype("residual_dtype"))};
+  }
+};
+
+class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, double eps) {
+    static const auto op = engine_op<decltype(layer_norm_forward)>("engine::layer_norm_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, mean, rstd] = op.call(x, weight, bias, eps);
+    ctx->save_for_backward({x, weight, mean, rstd});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->mark_non_differentiable({mean, rstd});
+    return {y, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = engine_op<decltype(layer_norm_backward)>("engine::layer_norm_backward");
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_x, grad_weight, grad_bias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3]);
+    return {grad_x, grad_weight, ctx->saved_data["has_bias"].toBool() ? grad_bias : at::Tensor(), at::Tensor()};
+  }
+};
+
+class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
+                               int64_t ignore_index) {
+    static const auto op = engine_op<decltype(cross_entropy_forward)>("engine::cross_entropy_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, lse] = op.call(logits, targets, ignore_index);
+    ctx->save_for_backward({logits, targets, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->mark_non_differentiable({lse});
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = engine_op<decltype(cross_entropy_backward)>("engine::cross_entropy_backward");
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["ignore_index"].toInt());
+    return {grad_logits, at::Tensor(), at::Tensor()};
+  }
+};
+
+void register_autograd(torch::Library& m) {
+  m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                 double scale) {
+    auto outputs = AttentionFunction::apply(q, k, v, causal, scale);
+    return std::make_tuple(outputs[0], outputs[1]);
+  });
+  m.impl("bias_gelu", [](const at::Tensor& pre, const std::optional<at::Tensor>& bias, bool tanh_approx) {
+    return BiasGeluFunction::apply(pre, bias, tanh_approx);
+  });
+  m.impl("bias_residual", [](const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual) {
+    return BiasResidualFunction::apply(y, bias, residual);
+  });
+  m.impl("layer_norm_forward", [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  double eps) {
+    auto outputs = LayerNormFunction::apply(x, weight, bias, eps);
+    return std::make_tuple(outputs[0], outputs[1], outputs[2]);
+  });
+  m.impl("cross_entropy_forward", [](const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+    auto outputs = CrossEntropyFunction::apply(logits, targets, ignore_index);
+    return std::make_tuple(outputs[0], outputs[1]);
+  });
 }
 
 // The same functions for every device key.
@@ -573,4 +682,4 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) { engine::register_kernels(m); }
 TORCH_LIBRARY_IMPL(engine, CUDA, m) { engine::register_kernels(m); }
 #endif
 
-TORCH_LIBRARY_IMPL(engine, Autograd, m) { m.impl("attention_forward", &engine::attention_forward_autograd); }
+TORCH_LIBRARY_IMPL(engine, Autograd, m) { engine::register_autograd(m); }

@@ -3,8 +3,8 @@
 //
 // Implementations: csrc/glue.cpp registers the same functions for CPU and, in the CUDA build, CUDA
 // tensors (checks, dtype promotion, allocation), which call the kernels of csrc/cpu/ or csrc/cuda/.
-// register_fake and register_autograd live in engine/ops/extension.py, except attention_forward's
-// autograd formula, which is in C++ (csrc/glue.cpp, the Autograd key) to save Python per call. Float
+// register_fake lives in engine/ops/extension.py; the autograd formulas are in C++ (csrc/glue.cpp, the
+// Autograd key) to save Python per call. Float
 // tensors are float32, float16 or bfloat16 with fp32 accumulation; lse, mean and rstd are always float32.
 #include <Python.h>
 #include <torch/library.h>

@@ -2,10 +2,9 @@
 
 `engine._C` defines the schemas of the `engine` op library (csrc/ops.cpp) with CPU kernels
 (csrc/cpu/) and, when built with CUDA, CUDA kernels (csrc/cuda/). This module loads it on first
-use, registers a fake (shape) function and an autograd formula for every op (attention's is in C++,
-csrc/glue.cpp, where it costs no Python per call), so that
-`torch.compile(fullgraph=True)` traces through them, and exposes the functions of the engine.ops
-API on top:
+use and registers a fake (shape) function for every op; the autograd formulas are in C++ (csrc/glue.cpp,
+the Autograd key), where they cost no Python per call. So `torch.compile(fullgraph=True)` traces
+through the ops. This module exposes the functions of the engine.ops API on top:
 
 - attention: attention_forward (saves lse) / attention_backward, flash-style, no T x T matrix.
 - ffn: composed here. pre = x @ w1^T (PyTorch matmul), hidden = bias_gelu(pre, b1),
@@ -67,7 +66,6 @@ def load() -> tuple[ModuleType | None, str]:
         return None, (f"engine._C failed to import ({type(error).__name__}: {error}); it was probably built "
                       f"against another torch than {torch.__version__}: rebuild it")
     _register_fakes()
-    _register_autograd()
     return module, ""
 
 
@@ -140,72 +138,6 @@ def _register_fakes() -> None:
     @register("engine::cross_entropy_backward")
     def _(grad_loss, logits, targets, lse, ignore_index):
         return logits.new_empty(logits.shape)
-
-
-# ---------------------------------------------------------------------- autograd formulas
-# The auxiliary outputs (lse, mean, rstd) are marked non-differentiable: engine.ops never returns them.
-# attention_forward's formula is registered in C++ (csrc/glue.cpp, the Autograd key): from Python it
-# cost 60 to 100 us per forward+backward, about 10% of a T = 256 call on the 2-core CPU.
-
-def _bias_gelu_setup(ctx, inputs, output):
-    pre, bias, tanh_approx = inputs
-    ctx.save_for_backward(pre, bias)
-    ctx.tanh_approx = tanh_approx
-
-
-def _bias_gelu_backward(ctx, grad):
-    pre, bias = ctx.saved_tensors
-    grad_pre = torch.ops.engine.bias_gelu_backward(grad, pre, bias, ctx.tanh_approx)
-    # pre + bias broadcasts the bias over rows, so its gradient is the column sum of grad_pre.
-    grad_bias = None if bias is None else grad_pre.sum(0, dtype=torch.float32).to(bias.dtype)
-    return grad_pre, grad_bias, None
-
-
-def _bias_residual_setup(ctx, inputs, output):
-    y, bias, residual = inputs
-    ctx.dtypes = (y.dtype, None if bias is None else bias.dtype, residual.dtype)
-
-
-def _bias_residual_backward(ctx, grad):
-    y_dtype, bias_dtype, residual_dtype = ctx.dtypes
-    grad_bias = None if bias_dtype is None else grad.sum(0, dtype=torch.float32).to(bias_dtype)
-    return grad.to(y_dtype), grad_bias, grad.to(residual_dtype)
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.engine.layer_norm_backward(grad_y, x, weight, mean, rstd)
-    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
-
-
-def _cross_entropy_setup(ctx, inputs, output):
-    logits, targets, ignore_index = inputs
-    _, lse = output
-    ctx.save_for_backward(logits, targets, lse)
-    ctx.ignore_index = ignore_index
-    ctx.mark_non_differentiable(lse)
-
-
-def _cross_entropy_backward(ctx, grad_loss, _grad_lse):
-    logits, targets, lse = ctx.saved_tensors
-    grad_logits = torch.ops.engine.cross_entropy_backward(grad_loss, logits, targets, lse, ctx.ignore_index)
-    return grad_logits, None, None
-
-
-def _register_autograd() -> None:
-    register = torch.library.register_autograd
-    register("engine::bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
-    register("engine::bias_residual", _bias_residual_backward, setup_context=_bias_residual_setup)
-    register("engine::layer_norm_forward", _layer_norm_backward, setup_context=_layer_norm_setup)
-    register("engine::cross_entropy_forward", _cross_entropy_backward, setup_context=_cross_entropy_setup)
 
 
 # ----------------------------------------------------------------- the engine.ops functions
