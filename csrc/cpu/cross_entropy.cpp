@@ -66,8 +66,10 @@ ENGINE_ALWAYS_INLINE void cross_entropy_backward_rows(const CrossEntropyRows<T>&
     }
     const float lse = p.lse[row];
     ENGINE_SIMD
-    for (int64_t j = 0; j < p.vocab; ++j) grad[j] = from_float<T>(p.grad_scale * exp_approx(to_float(x[j]) - lse));
-    grad[target] = from_float<T>(to_float(grad[target]) - p.grad_scale);
+    for (int64_t j = 0; j < p.vocab; ++j) {
+      const float g = p.grad_scale * exp_approx(to_float(x[j]) - lse);
+      grad[j] = from_float<T>(j == target ? g - p.grad_scale : g);  // rounded once, the target's term included
+    }
   }
 }
 
