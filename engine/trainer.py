@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from engine import distributed
+from engine.allocator import keep_freed_memory
 from engine.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from engine.config import (DATA, DEVICE, DISTRIBUTED, EVALUATION, OPTIMIZATION, PROFILING, option, parse_duration,
                            require_finite_numbers, require_positive_integers)
@@ -184,6 +185,8 @@ class Trainer:
         self.context = context
         self.log = log if context.is_main else (lambda *args, **kwargs: None)
         enable_nvtx(config.nvtx)
+        if device.type == "cpu":
+            keep_freed_memory()  # each step frees and allocates the same activations (engine/allocator.py)
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = GPT(model_config).to(device)
