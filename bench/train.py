@@ -23,7 +23,8 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (weights, grad
 state, activations); not measured on a CPU.
 
 `--baseline plain` compares instead the engine with a plain PyTorch GPT (bench/plain_gpt.py) on the
-built-in Shakespeare corpus, same config, recipe and batches: each run is its own process (`--pairs`
+built-in Shakespeare corpus in the preset's tokenizer (characters; BPE for `default`), same config,
+recipe and batches: each run is its own process (`--pairs`
 pairs, engine and plain alternating, the order flipping every pair, so that a load change on a shared
 machine hits both sides alike). The engine side is `engine.trainer.Trainer.run()` (the loop of
 `python -m engine.train`, metrics and checkpoint included) evaluating once, at the end; the plain side
@@ -229,9 +230,10 @@ def plain_run(spec: dict) -> dict:
     from engine.train import PRESET_TRAINING
 
     device = torch.device("cpu")
-    data = load_token_data(None, "char")
+    training = PRESET_TRAINING.get(spec["preset"], {})
+    data = load_token_data(None, training.get("tokenizer", "char"))  # default: the BPE vocabulary it trains on
     model_config = preset(spec["preset"], vocab_size=data.tokenizer.vocab_size)
-    config = TrainConfig(**PRESET_TRAINING.get(spec["preset"], {}) | {
+    config = TrainConfig(**training | {
         "batch_size": spec["batch_size"], "max_steps": spec["steps"], "eval_interval": spec["steps"],
         "eval_iters": spec["eval_iters"], "seed": spec["seed"], "dtype": spec["dtype"], "device": "cpu",
         "backend": spec["backend"], "compile": spec["compile"], "sample_tokens": 0})
