@@ -14,6 +14,9 @@
 // - bias_residual: bias and residual are cast to their promoted dtype with y (what `residual + y + bias`
 //   gives in PyTorch, float32 under autocast); the output has it. y is cast too, except on the CPU, whose
 //   kernel reads a bf16/fp16 y next to a float32 residual as it is.
+// - ffn_forward, ffn_backward: x, w1 and w2 share one dtype (their autograd node casts them to autocast's);
+//   pre, hidden and the gradients of x, w1, w2 have it; out as bias_residual gives it; the bias gradients
+//   are float32.
 // - layer_norm_forward: weight and bias are cast to x's dtype; y has it. layer_norm_backward computes
 //   in x's dtype and returns grad_weight and grad_bias in weight's dtype.
 // - attention: q, k, v and out share one dtype (an error otherwise), grad_out is cast to it.
@@ -30,8 +33,12 @@
 // launchers.h, and tests/test_cuda_sources.py compiles it on machines without a GPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -369,6 +376,101 @@ at::Tensor bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& b
   return out;
 }
 
+// ------------------------------------------------------------------------------ the whole FFN
+//
+// The matmuls are PyTorch's (at::mm: oneDNN/MKL on the CPU, cuBLAS on CUDA), the epilogues the kernels
+// above; the bias gradients are column sums taken in the same pass as the epilogue's backward on the CPU.
+
+// x, w1 (F, C) and w2 (C, F): one float dtype and device, shapes that multiply.
+void check_ffn_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must be (..., C), got a scalar");
+  check_float_type(x, op, "x");
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C, op, ": w1 must be (F, C) with C = ", C, " (x's last dimension), got ",
+              "shape ", shape_string(w1.sizes()));
+  check_shape(w2, {C, w1.size(0)}, op, "w2");
+  for (const auto& [t, name] : {std::pair{&w1, "w1"}, std::pair{&w2, "w2"}}) {
+    check_device(*t, op, name, x, "x");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                " but x has dtype ", x.scalar_type(), " (x, w1 and w2 must share one dtype)");
+  }
+}
+
+// (..., C) -> (N, C), the rows the matmuls take (a view when it can be).
+at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1,
+                                                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                                           const std::optional<at::Tensor>& b2,
+                                                           const at::Tensor& residual, bool tanh_approx) {
+  constexpr const char* op = "engine::ffn_forward";
+  check_ffn_inputs(x, w1, w2, op);
+  TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", shape_string(x.sizes()),
+              ", got ", shape_string(residual.sizes()));
+  // Contiguous operands (no copy when they are): the matmuls then take the same path, and give the same
+  // bits, whatever the inputs' strides.
+  const at::Tensor pre = at::mm(rows_of(x.contiguous()), w1.contiguous().t());                     // (N, F)
+  const at::Tensor hidden = gelu_op(nullptr, pre, b1, tanh_approx, op);                             // (N, F)
+  const at::Tensor out = bias_residual(at::mm(hidden, w2.contiguous().t()), b2, rows_of(residual));  // (N, C)
+  return {out.view(residual.sizes()), pre, hidden};
+}
+
+// grad * act'(pre + bias), and its column sums in float32 (the bias's gradient).
+std::tuple<at::Tensor, at::Tensor> gelu_backward_and_column_sums(const at::Tensor& grad, const at::Tensor& pre,
+                                                                 const std::optional<at::Tensor>& bias,
+                                                                 bool tanh_approx, const char* op) {
+#ifdef ENGINE_WITH_CUDA
+  if (pre.is_cuda()) {
+    at::Tensor grad_pre = gelu_op(&grad, pre, bias, tanh_approx, op);
+    return {grad_pre, grad_pre.sum(0, /*keepdim=*/false, at::kFloat)};
+  }
+#endif
+  check_bias(bias, pre, op, "pre");
+  const auto dtype = pre.scalar_type();
+  at::Tensor grad_pre = new_output(pre.sizes(), dtype, pre);
+  at::Tensor sums = new_output({pre.size(1)}, at::kFloat, pre);
+  cpu::bias_gelu_backward(prepared(grad, dtype), prepared(pre, dtype), prepared(bias, dtype), grad_pre, tanh_approx,
+                          sums);
+  return {grad_pre, sums};
+}
+
+// grad (N, C) in `dtype` (itself when it has it) and its column sums in float32 (the gradient of y + bias).
+std::tuple<at::Tensor, at::Tensor> cast_and_column_sums(const at::Tensor& grad, at::ScalarType dtype) {
+#ifdef ENGINE_WITH_CUDA
+  if (grad.is_cuda()) return {grad.to(dtype), grad.sum(0, /*keepdim=*/false, at::kFloat)};
+#endif
+  const at::Tensor grad_ = grad.contiguous();
+  const bool same = grad.scalar_type() == dtype;
+  const at::Tensor cast = same ? grad_ : new_output(grad.sizes(), dtype, grad);
+  at::Tensor sums = new_output({grad.size(1)}, at::kFloat, grad);
+  cpu::cast_with_column_sums(grad_, same ? std::nullopt : std::optional<at::Tensor>(cast), sums);
+  return {cast, sums};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+    const at::Tensor& w2, const at::Tensor& pre, const at::Tensor& hidden, bool tanh_approx) {
+  constexpr const char* op = "engine::ffn_backward";
+  check_ffn_inputs(x, w1, w2, op);
+  const at::Tensor rows = rows_of(x);
+  const int64_t features = w1.size(0);
+  check_float_like(grad_out, x.sizes(), op, "grad_out", x, "x");
+  for (const auto& [t, name] : {std::pair{&pre, "pre"}, std::pair{&hidden, "hidden"}}) {
+    check_device(*t, op, name, x, "x");
+    check_shape(*t, {rows.size(0), features}, op, name);
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                " but x has dtype ", x.scalar_type());
+  }
+  // Contiguous operands, as in the forward.
+  const auto [grad_y, grad_b2] = cast_and_column_sums(rows_of(grad_out), x.scalar_type());  // (N, C), (C,)
+  const at::Tensor grad_w2 = at::mm(grad_y.t(), hidden.contiguous());                     // (C, F)
+  const auto [grad_pre, grad_b1] =
+      gelu_backward_and_column_sums(at::mm(grad_y, w2.contiguous()), pre, b1, tanh_approx, op);  // (N, F), (F,)
+  const at::Tensor grad_x = at::mm(grad_pre, w1.contiguous()).view(x.sizes());                    // (..., C)
+  const at::Tensor grad_w1 = at::mm(grad_pre.t(), rows.contiguous());                             // (F, C)
+  return {grad_x, grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
 // ------------------------------------------------------------------------------ LayerNorm
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -637,6 +739,59 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
+// The dtype an op's matmuls run in: autocast's, where it is on for x's device (float64 stays float64), else x's.
+at::ScalarType compute_dtype(const at::Tensor& x) {
+  const auto device_type = x.device().type();
+  if (x.scalar_type() != at::kDouble && at::autocast::is_autocast_available(device_type) &&
+      at::autocast::is_autocast_enabled(device_type)) {
+    return at::autocast::get_autocast_dtype(device_type);
+  }
+  return x.scalar_type();
+}
+
+// The FFN as one node of the graph. Under autocast its matmuls run in autocast's dtype: x, w1 and w2 are cast
+// here, inside the node, so the graph holds no nodes for the casts, and their gradients come back in the
+// inputs' own dtypes, as they would through autocast's casts.
+class FfnFunction : public torch::autograd::Function<FfnFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                               const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                               const std::optional<at::Tensor>& b2, const at::Tensor& residual, bool tanh_approx) {
+    static const auto op = engine_op<decltype(ffn_forward)>("engine::ffn_forward");
+    const auto dtype = compute_dtype(x);
+    const at::Tensor x_ = x.to(dtype), w1_ = w1.to(dtype), w2_ = w2.to(dtype);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // cast already
+    auto [out, pre, hidden] = op.call(x_, w1_, b1, w2_, b2, residual, tanh_approx);
+    ctx->save_for_backward({x_, w1_, b1.value_or(at::Tensor()), w2_, pre, hidden});
+    ctx->saved_data["tanh_approx"] = tanh_approx;
+    const auto dtype_of = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? static_cast<int64_t>(t->scalar_type()) : int64_t{-1};
+    };
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_of(x), dtype_of(w1), dtype_of(b1), dtype_of(w2),
+                                                     dtype_of(b2), dtype_of(residual)};
+    ctx->mark_non_differentiable({pre, hidden});
+    return {out, pre, hidden};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = engine_op<decltype(ffn_backward)>("engine::ffn_backward");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& b1 = saved[2];
+    const std::optional<at::Tensor> optional_b1 = b1.defined() ? std::optional<at::Tensor>(b1) : std::nullopt;
+    auto [grad_x, grad_w1, grad_b1, grad_w2, grad_b2] =
+        op.call(grads[0], saved[0], saved[1], optional_b1, saved[3], saved[4], saved[5],
+                ctx->saved_data["tanh_approx"].toBool());
+    const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
+    // Each gradient in its input's dtype; none for an absent bias.
+    const auto as_input = [&](const at::Tensor& grad, size_t input) {
+      return dtypes[input] < 0 ? at::Tensor() : grad.to(static_cast<at::ScalarType>(dtypes[input]));
+    };
+    return {as_input(grad_x, 0), as_input(grad_w1, 1), as_input(grad_b1, 2), as_input(grad_w2, 3),
+            as_input(grad_b2, 4), as_input(grads[0], 5), at::Tensor()};
+  }
+};
+
 void register_autograd(torch::Library& m) {
   m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                  double scale) {
@@ -648,6 +803,12 @@ void register_autograd(torch::Library& m) {
   });
   m.impl("bias_residual", [](const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual) {
     return BiasResidualFunction::apply(y, bias, residual);
+  });
+  m.impl("ffn_forward", [](const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                           const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& residual,
+                           bool tanh_approx) {
+    auto outputs = FfnFunction::apply(x, w1, b1, w2, b2, residual, tanh_approx);
+    return std::make_tuple(outputs[0], outputs[1], outputs[2]);
   });
   m.impl("layer_norm_forward", [](const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   double eps) {
@@ -667,6 +828,8 @@ void register_kernels(torch::Library& m) {
   m.impl("bias_gelu", &bias_gelu);
   m.impl("bias_gelu_backward", &bias_gelu_backward);
   m.impl("bias_residual", &bias_residual);
+  m.impl("ffn_forward", &ffn_forward);
+  m.impl("ffn_backward", &ffn_backward);
   m.impl("layer_norm_forward", &layer_norm_forward);
   m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("cross_entropy_forward", &cross_entropy_forward);

@@ -26,6 +26,17 @@ TORCH_LIBRARY(engine, m) {
   m.def("bias_gelu_backward(Tensor grad, Tensor pre, Tensor? bias, bool tanh_approx) -> Tensor");
   // residual + y + bias, (N, C).
   m.def("bias_residual(Tensor y, Tensor? bias, Tensor residual) -> Tensor");
+  // The whole FFN with its residual: out = residual + act(x @ w1^T + b1) @ w2^T + b2. x, residual (..., C);
+  // w1 (F, C), w2 (C, F) in nn.Linear layout and x's dtype; b1 (F,), b2 (C,). pre = x @ w1^T and
+  // hidden = act(pre + b1), (N, F), are what the backward needs.
+  m.def(
+      "ffn_forward(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor residual, bool tanh_approx) "
+      "-> (Tensor out, Tensor pre, Tensor hidden)");
+  // Gradients of x, w1, w2 (in their dtype) and the bias gradients b1 (F,), b2 (C,) in float32 (computed
+  // whether or not the biases exist). The residual's gradient is grad_out itself.
+  m.def(
+      "ffn_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor pre, Tensor hidden, "
+      "bool tanh_approx) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
   // x (N, C) -> y (N, C), mean (N,) and rstd (N,) float32.
   m.def("layer_norm_forward(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def(

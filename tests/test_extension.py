@@ -353,6 +353,31 @@ def _epilogue_samples(make: _Samples) -> dict:
     }
 
 
+def _ffn_samples(make: _Samples, low: torch.dtype | None = None, suffix: str = "") -> dict:
+    """The whole FFN; with `low`, what its autograd node hands the op under autocast: x, w1 and w2 in low
+    precision beside float32 biases, residual and output gradient."""
+    tensor, strided = make.tensor, make.strided
+    matmul_dtype = low or make.dtype
+    x, w1, w2 = (tensor(*shape, grad=low is None, dtype=matmul_dtype) for shape in ((2, 3, 24), (40, 24), (24, 40)))
+    b1, b2, residual = tensor(40, grad=low is None), tensor(24, grad=low is None), tensor(2, 3, 24, grad=low is None)
+    _, pre, hidden = torch.ops.engine.ffn_forward(x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(),
+                                                  residual.detach(), False)
+    backward = (tensor(2, 3, 24), x.detach(), w1.detach(), b1.detach(), w2.detach(), pre, hidden, False)
+    if low is not None:
+        return {f"ffn_forward-autocast-{suffix}": ("ffn_forward", (x, w1, b1, w2, b2, residual, False)),
+                f"ffn_backward-autocast-{suffix}": ("ffn_backward", backward)}
+    return {
+        "ffn_forward": ("ffn_forward", (x, w1, b1, w2, b2, residual, False)),
+        "ffn_forward-tanh-no-bias": ("ffn_forward", (x, w1, None, w2, None, residual, True)),
+        "ffn_forward-strided": ("ffn_forward", (strided(2, 3, 24, grad=True), strided(40, 24, grad=True),
+                                                strided(40, grad=True), strided(24, 40, grad=True),
+                                                strided(24, grad=True), strided(2, 3, 24, grad=True), False)),
+        "ffn_backward": ("ffn_backward", backward),
+        "ffn_backward-strided": ("ffn_backward", (strided(2, 3, 24), *(t.detach() for t in (x, w1, b1, w2)),
+                                                  pre.t().contiguous().t(), hidden.t().contiguous().t(), False)),
+    }
+
+
 def _layer_norm_and_cross_entropy_samples(make: _Samples) -> dict:
     tensor, strided = make.tensor, make.strided
     x, weight, bias = tensor(5, 24, grad=True), tensor(24, grad=True), tensor(24, grad=True)
@@ -410,20 +435,24 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
     take the dtypes the fakes declare). The CPU and CUDA kernels share this glue (csrc/glue.cpp), so these
     cases on the CPU cover the checks, promotions and allocations CUDA tensors go through."""
     make = _Samples(device, dtype)
-    return {**_attention_samples(make), **_epilogue_samples(make), **_layer_norm_and_cross_entropy_samples(make),
-            **_autocast_samples(make, torch.bfloat16, "bf16"), **_autocast_samples(make, torch.float16, "fp16")}
+    return {**_attention_samples(make), **_epilogue_samples(make), **_ffn_samples(make),
+            **_layer_norm_and_cross_entropy_samples(make),
+            **_autocast_samples(make, torch.bfloat16, "bf16"), **_autocast_samples(make, torch.float16, "fp16"),
+            **_ffn_samples(make, torch.bfloat16, "bf16"), **_ffn_samples(make, torch.float16, "fp16")}
 
 
 OPCHECK_CASES = ["attention_forward-causal", "attention_forward-full", "attention_forward-transposed-views",
                  "attention_backward", "attention_backward-strided", "bias_gelu-erf", "bias_gelu-tanh-no-bias",
                  "bias_gelu-strided", "bias_gelu_backward", "bias_gelu_backward-strided", "bias_residual",
-                 "bias_residual-no-bias", "bias_residual-strided", "layer_norm_forward", "layer_norm_forward-no-bias",
+                 "bias_residual-no-bias", "bias_residual-strided", "ffn_forward", "ffn_forward-tanh-no-bias",
+                 "ffn_forward-strided", "ffn_backward", "ffn_backward-strided",
+                 "layer_norm_forward", "layer_norm_forward-no-bias",
                  "layer_norm_forward-strided", "layer_norm_backward", "layer_norm_backward-strided",
                  "cross_entropy_forward", "cross_entropy_forward-strided", "cross_entropy_backward",
                  "cross_entropy_backward-strided",
                  *(f"{op}-autocast-{suffix}" for suffix in ("bf16", "fp16")
-                   for op in ("bias_gelu", "bias_gelu_backward", "bias_residual", "layer_norm_forward",
-                              "layer_norm_backward"))]
+                   for op in ("bias_gelu", "bias_gelu_backward", "bias_residual", "ffn_forward", "ffn_backward",
+                              "layer_norm_forward", "layer_norm_backward"))]
 
 
 def test_opcheck_covers_every_op():

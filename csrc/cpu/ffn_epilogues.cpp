@@ -31,10 +31,11 @@ constexpr float kTanhCubic = 0.044715f;
 
 template <class T>
 struct GeluRows {
-  const T* pre;        // (rows, cols)
-  const float* bias;   // (cols,), zeros when the op has no bias
-  const T* grad;       // (rows, cols), backward only
-  T* out;              // (rows, cols)
+  const T* pre;          // (rows, cols)
+  const float* bias;     // (cols,), zeros when the op has no bias
+  const T* grad;         // (rows, cols), backward only
+  T* out;                // (rows, cols)
+  float* column_sums;    // (cols,): backward only, when asked for: this block's sums of out before rounding
   int64_t cols, row_begin, row_end;
   bool tanh_approx;
 };
@@ -60,29 +61,75 @@ ENGINE_ALWAYS_INLINE void gelu_forward_rows(const GeluRows<T>& p) {
   }
 }
 
-template <class Tile, class T>
-ENGINE_ALWAYS_INLINE void gelu_backward_rows(const GeluRows<T>& p) {
+template <bool kTanh>
+ENGINE_ALWAYS_INLINE float gelu_derivative(float x) {
+  if constexpr (kTanh) {
+    const float t = tanh_approx(kSqrt2OverPi * (x + kTanhCubic * x * x * x));
+    const float du_dx = kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x * x);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du_dx;
+  } else {
+    const float gaussian = exp_approx(-0.5f * x * x);  // exp(-z^2) with z = x / sqrt(2)
+    const float cdf = 0.5f * (1.0f + erf_from_gaussian(x * kSqrtHalf, gaussian));
+    return cdf + x * kInvSqrt2Pi * gaussian;  // Phi(x) + x phi(x)
+  }
+}
+
+template <bool kTanh, class T>
+ENGINE_ALWAYS_INLINE void gelu_backward_rows_with(const GeluRows<T>& p) {
   for (int64_t row = p.row_begin; row < p.row_end; ++row) {
     const T* pre = p.pre + row * p.cols;
     const T* grad = p.grad + row * p.cols;
     T* out = p.out + row * p.cols;
-    if (p.tanh_approx) {
+    if (p.column_sums != nullptr) {
       ENGINE_SIMD
       for (int64_t c = 0; c < p.cols; ++c) {
-        const float x = to_float(pre[c]) + p.bias[c];
-        const float t = tanh_approx(kSqrt2OverPi * (x + kTanhCubic * x * x * x));
-        const float du_dx = kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x * x);
-        out[c] = from_float<T>(to_float(grad[c]) * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du_dx));
+        const float g = to_float(grad[c]) * gelu_derivative<kTanh>(to_float(pre[c]) + p.bias[c]);
+        out[c] = from_float<T>(g);
+        p.column_sums[c] += g;
       }
     } else {
       ENGINE_SIMD
       for (int64_t c = 0; c < p.cols; ++c) {
-        const float x = to_float(pre[c]) + p.bias[c];
-        const float gaussian = exp_approx(-0.5f * x * x);  // exp(-z^2) with z = x / sqrt(2)
-        const float cdf = 0.5f * (1.0f + erf_from_gaussian(x * kSqrtHalf, gaussian));
-        const float pdf = kInvSqrt2Pi * gaussian;
-        out[c] = from_float<T>(to_float(grad[c]) * (cdf + x * pdf));
+        out[c] = from_float<T>(to_float(grad[c]) * gelu_derivative<kTanh>(to_float(pre[c]) + p.bias[c]));
       }
+    }
+  }
+}
+
+template <class Tile, class T>
+ENGINE_ALWAYS_INLINE void gelu_backward_rows(const GeluRows<T>& p) {
+  if (p.tanh_approx) {
+    gelu_backward_rows_with<true>(p);
+  } else {
+    gelu_backward_rows_with<false>(p);
+  }
+}
+
+// dst = src rounded to dst's type (unless dst is null), and this block's column sums of src (the bias
+// gradient of y + bias).
+template <class TS, class TD>
+struct CastRows {
+  const TS* src;  // (rows, cols)
+  TD* dst;        // (rows, cols)
+  float* column_sums;
+  int64_t cols, row_begin, row_end;
+};
+
+template <class Tile, class TS, class TD>
+ENGINE_ALWAYS_INLINE void cast_rows(const CastRows<TS, TD>& p) {
+  for (int64_t row = p.row_begin; row < p.row_end; ++row) {
+    const TS* src = p.src + row * p.cols;
+    if (p.dst == nullptr) {  // the sums only
+      ENGINE_SIMD
+      for (int64_t c = 0; c < p.cols; ++c) p.column_sums[c] += to_float(src[c]);
+      continue;
+    }
+    TD* dst = p.dst + row * p.cols;
+    ENGINE_SIMD
+    for (int64_t c = 0; c < p.cols; ++c) {
+      const float value = to_float(src[c]);
+      dst[c] = from_float<TD>(value);
+      p.column_sums[c] += value;
     }
   }
 }
@@ -117,6 +164,13 @@ using HalfToFloatResidualRows = ResidualRows<c10::Half, float>;
 ENGINE_ISA_VARIANTS_PER_ELEMENT(run_gelu_forward, gelu_forward_rows, GeluRows)
 ENGINE_ISA_VARIANTS_PER_ELEMENT(run_gelu_backward, gelu_backward_rows, GeluRows)
 ENGINE_ISA_VARIANTS_PER_ELEMENT(run_bias_residual, bias_residual_rows, SameTypeResidualRows)
+template <class T>
+using SameTypeCastRows = CastRows<T, T>;
+using FloatToBf16CastRows = CastRows<float, c10::BFloat16>;
+using FloatToHalfCastRows = CastRows<float, c10::Half>;
+ENGINE_ISA_VARIANTS_PER_ELEMENT(run_cast, cast_rows, SameTypeCastRows)
+ENGINE_ISA_VARIANTS(run_cast, cast_rows, FloatToBf16CastRows)
+ENGINE_ISA_VARIANTS(run_cast, cast_rows, FloatToHalfCastRows)
 ENGINE_ISA_VARIANTS(run_bias_residual, bias_residual_rows, Bf16ToFloatResidualRows)
 ENGINE_ISA_VARIANTS(run_bias_residual, bias_residual_rows, HalfToFloatResidualRows)
 
@@ -128,27 +182,58 @@ at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t cols) {
   return bias.has_value() ? bias->to(at::kFloat) : at::zeros({cols}, at::dtype(at::kFloat));
 }
 
-// grad == nullptr: out = gelu(pre + bias); else out = grad * gelu'(pre + bias).
+// Blocks of rows for column sums: a fixed count, each summing its rows into a partial of its own; the partials
+// are then added in block order, so the sums do not depend on the number of threads.
+constexpr int64_t kRowBlocks = 32;
+
+int64_t row_blocks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kRowBlocks)); }
+
+// column_sums (cols,) float32 = the sum of a (blocks, cols) float32 tensor of partials, in block order.
+void add_partials(const at::Tensor& partials, const at::Tensor& column_sums) {
+  const int64_t blocks = partials.size(0), cols = partials.size(1);
+  const float* partial = partials.data_ptr<float>();
+  float* sums = column_sums.data_ptr<float>();
+  std::fill(sums, sums + cols, 0.0f);
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int64_t c = 0; c < cols; ++c) sums[c] += partial[block * cols + c];
+  }
+}
+
+// grad == nullptr: out = gelu(pre + bias); else out = grad * gelu'(pre + bias), and its column sums into
+// column_sums when given.
 void gelu_op(const at::Tensor* grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
-             const at::Tensor& out, bool tanh_approx) {
+             const at::Tensor& out, bool tanh_approx, const std::optional<at::Tensor>& column_sums = std::nullopt) {
   const int64_t rows = pre.size(0), cols = pre.size(1);
   const at::Tensor bias32 = bias_or_zeros(bias, cols);
+  const int64_t blocks = column_sums.has_value() ? row_blocks(rows) : 0;
+  const at::Tensor partials = blocks > 0 ? at::zeros({blocks, cols}, at::dtype(at::kFloat)) : at::Tensor();
   with_element_type(pre.scalar_type(), [&](auto element) {
     using T = decltype(element);
     const GeluRows<T> params{pre.data_ptr<T>(), bias32.data_ptr<float>(),
-                             grad != nullptr ? grad->data_ptr<T>() : nullptr, out.data_ptr<T>(), cols, 0, 0,
-                             tanh_approx};
-    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+                             grad != nullptr ? grad->data_ptr<T>() : nullptr, out.data_ptr<T>(), nullptr, cols, 0,
+                             0, tanh_approx};
+    const auto run = [&](int64_t begin, int64_t end, float* sums) {
       GeluRows<T> chunk = params;
       chunk.row_begin = begin;
       chunk.row_end = end;
+      chunk.column_sums = sums;
       if (grad != nullptr) {
         run_gelu_backward(chunk);
       } else {
         run_gelu_forward(chunk);
       }
-    });
+    };
+    if (blocks > 0) {
+      at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+        for (int64_t block = first; block < last; ++block) {
+          run(rows * block / blocks, rows * (block + 1) / blocks, partials.data_ptr<float>() + block * cols);
+        }
+      });
+    } else {
+      at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) { run(begin, end, nullptr); });
+    }
   });
+  if (blocks > 0) add_partials(partials, *column_sums);
 }
 
 }  // namespace
@@ -159,8 +244,36 @@ void bias_gelu(const at::Tensor& pre, const std::optional<at::Tensor>& bias, con
 }
 
 void bias_gelu_backward(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& grad_pre, bool tanh_approx) {
-  gelu_op(&grad, pre, bias, grad_pre, tanh_approx);
+                        const at::Tensor& grad_pre, bool tanh_approx, const std::optional<at::Tensor>& column_sums) {
+  gelu_op(&grad, pre, bias, grad_pre, tanh_approx, column_sums);
+}
+
+void cast_with_column_sums(const at::Tensor& src, const std::optional<at::Tensor>& dst,
+                           const at::Tensor& column_sums) {
+  const int64_t rows = src.size(0), cols = src.size(1), blocks = row_blocks(rows);
+  const at::Tensor partials = at::zeros({blocks, cols}, at::dtype(at::kFloat));
+  with_element_type(src.scalar_type(), [&](auto src_element) {
+    using TS = decltype(src_element);
+    with_element_type(dst.has_value() ? dst->scalar_type() : src.scalar_type(), [&](auto dst_element) {
+      using TD = decltype(dst_element);
+      if constexpr (std::is_same_v<TS, TD> || std::is_same_v<TS, float>) {
+        const CastRows<TS, TD> params{src.data_ptr<TS>(), dst.has_value() ? dst->data_ptr<TD>() : nullptr, nullptr,
+                                      cols, 0, 0};
+        at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+          for (int64_t block = first; block < last; ++block) {
+            CastRows<TS, TD> chunk = params;
+            chunk.row_begin = rows * block / blocks;
+            chunk.row_end = rows * (block + 1) / blocks;
+            chunk.column_sums = partials.data_ptr<float>() + block * cols;
+            run_cast(chunk);
+          }
+        });
+      } else {
+        TORCH_CHECK(false, "engine: casting ", src.scalar_type(), " to ", dst->scalar_type(), " is not supported");
+      }
+    });
+  });
+  add_partials(partials, column_sums);
 }
 
 void bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,

@@ -27,8 +27,15 @@ void attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const a
 // Matrices (rows, features), bias (features,) or none.
 void bias_gelu(const at::Tensor& pre, const std::optional<at::Tensor>& bias, const at::Tensor& out,
                bool tanh_approx);
+// bias_gelu_backward also writes the column sums of grad_pre (before rounding; float32 (features,)), the
+// bias's gradient, into column_sums when given.
 void bias_gelu_backward(const at::Tensor& grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,
-                        const at::Tensor& grad_pre, bool tanh_approx);
+                        const at::Tensor& grad_pre, bool tanh_approx,
+                        const std::optional<at::Tensor>& column_sums = std::nullopt);
+// dst (rows, columns), when given, = src rounded to dst's dtype (the same, or float32 to bf16/fp16);
+// column_sums (columns,) float32 = src's column sums, the gradient of a bias added to every row.
+void cast_with_column_sums(const at::Tensor& src, const std::optional<at::Tensor>& dst,
+                           const at::Tensor& column_sums);
 // bias_residual: residual and out share one dtype; y has it too, or is bf16/fp16 next to fp32 ones.
 void bias_residual(const at::Tensor& y, const std::optional<at::Tensor>& bias, const at::Tensor& residual,
                    const at::Tensor& out);

@@ -7,9 +7,10 @@ the Autograd key), where they cost no Python per call. So `torch.compile(fullgra
 through the ops. This module exposes the functions of the engine.ops API on top:
 
 - attention: attention_forward (saves lse) / attention_backward, flash-style, no T x T matrix.
-- ffn: composed here. pre = x @ w1^T (PyTorch matmul), hidden = bias_gelu(pre, b1),
-  y = hidden @ w2^T, out = bias_residual(y, b2, residual); the backward uses bias_gelu_backward
-  and PyTorch's matmul gradients.
+- ffn: ffn_forward / ffn_backward, one node of the graph: pre = x @ w1^T (PyTorch's matmul),
+  hidden = bias_gelu(pre, b1), y = hidden @ w2^T, out = bias_residual(y, b2, residual); the backward takes
+  the bias gradients in the epilogues' passes. Under autocast the matmuls run in its dtype (the op casts x,
+  w1 and w2 itself, csrc/glue.cpp).
 - layer_norm, cross_entropy: forward and backward kernels; linear_cross_entropy is the PyTorch
   matmul followed by cross_entropy (the logits are materialized).
 Dropout is not implemented: dropout_p > 0 raises ValueError (and `auto` picks another backend for
@@ -122,6 +123,20 @@ def _register_fakes() -> None:
             dtype = torch.promote_types(dtype, bias.dtype)
         return y.new_empty(y.shape, dtype=dtype)
 
+    @register("engine::ffn_forward")
+    def _(x, w1, b1, w2, b2, residual, tanh_approx):
+        rows, features = x.numel() // x.shape[-1], w1.shape[0]
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        if b2 is not None:
+            dtype = torch.promote_types(dtype, b2.dtype)
+        return (residual.new_empty(residual.shape, dtype=dtype), x.new_empty((rows, features)),
+                x.new_empty((rows, features)))
+
+    @register("engine::ffn_backward")
+    def _(grad_out, x, w1, b1, w2, pre, hidden, tanh_approx):
+        return (x.new_empty(x.shape), w1.new_empty(w1.shape), x.new_empty((w1.shape[0],), dtype=torch.float32),
+                w2.new_empty(w2.shape), x.new_empty((x.shape[-1],), dtype=torch.float32))
+
     @register("engine::layer_norm_forward")
     def _(x, weight, bias, eps):
         rows = x.shape[0]
@@ -162,12 +177,8 @@ def ffn(x, w1, b1, w2, b2, residual, *, activation="gelu", dropout_p=0.0):
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {_ACTIVATIONS}")
     _reject_dropout("ffn", dropout_p)
-    rows = x.reshape(-1, x.shape[-1])  # (N, d_model)
-    pre = rows @ w1.t()  # (N, d_ff)
-    hidden = torch.ops.engine.bias_gelu(pre, b1, activation == "gelu_tanh")
-    y = hidden @ w2.t()  # (N, d_model)
-    out = torch.ops.engine.bias_residual(y, b2, residual.reshape(-1, residual.shape[-1]))
-    return out.reshape(residual.shape)
+    out, _, _ = torch.ops.engine.ffn_forward(x, w1, b1, w2, b2, residual, activation == "gelu_tanh")
+    return out  # residual's shape
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
