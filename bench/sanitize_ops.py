@@ -15,9 +15,10 @@ Each op's outputs are also checked against the `reference` backend in float64 on
 tolerances: the sanitizer is the point, but a wrong result is worth a line too), so the sanitizer
 itself sees only the extension's kernels and the copies to and from the device.
 
-Calls torch.ops.engine.* directly (forward and backward ops by name), on CUDA tensors, or on CPU
-tensors with --device cpu (the `cpp` backend's kernels; what the CPU dry run of gpu_check.sh
-uses). One line per case; exit status 1 if any case failed, 2 if the extension is missing.
+Calls torch.ops.engine.* directly (forward and backward ops by name; `ffn` is the whole FFN op, its
+matmuls included), on CUDA tensors, or on CPU tensors with --device cpu (the `cpp` backend's kernels;
+what the CPU dry run of gpu_check.sh uses). One line per case; exit status 1 if any case failed, 2 if
+the extension is missing.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 from engine.ops import reference
 from engine.ops.backend import DTYPE_NAMES, DTYPES
 
-OPS = ("attention", "ffn_epilogues", "layer_norm", "cross_entropy")
+OPS = ("attention", "ffn_epilogues", "ffn", "layer_norm", "cross_entropy")
 T, ROWS, VOCAB, WIDTH = 129, 7, 1000, 129
 HEAD_DIMS = (40, 64, 96, 128)
 # Relative error (norm of the difference over norm of the reference) allowed per dtype.
@@ -110,6 +111,22 @@ def check_ffn_epilogues(dtype: torch.dtype, device: str) -> list[str]:
     return problems + found
 
 
+def check_ffn(dtype: torch.dtype, device: str) -> list[str]:
+    """ffn_forward and ffn_backward: the matmuls (PyTorch's) around the epilogue kernels, with both biases."""
+    name = f"ffn_forward(+backward) {DTYPE_NAMES[dtype]} ({ROWS}, {WIDTH}) -> {2 * WIDTH} -> {WIDTH}"
+    x, residual, grad_out = (random(ROWS, WIDTH, dtype=dtype, device=device) for _ in range(3))
+    w1 = random(2 * WIDTH, WIDTH, dtype=dtype, device=device, scale=WIDTH ** -0.5)
+    w2 = random(WIDTH, 2 * WIDTH, dtype=dtype, device=device, scale=(2 * WIDTH) ** -0.5)
+    b1, b2 = (random(n, dtype=dtype, device=device, scale=0.1) for n in (2 * WIDTH, WIDTH))
+    out, pre, hidden = torch.ops.engine.ffn_forward(x, w1, b1, w2, b2, residual, False)
+    grads = torch.ops.engine.ffn_backward(grad_out, x, w1, b1, w2, pre, hidden, False)
+    expected, expected_grads = reference_gradients(reference.ffn, [x, w1, b1, w2, b2, residual], grad_out)
+    labels = ("dx", "dw1", "db1", "dw2", "db2")
+    found = compare(name, [("out", out, expected), *zip(labels, grads, expected_grads)], dtype)
+    report(name, found)
+    return found
+
+
 def check_layer_norm(dtype: torch.dtype, device: str) -> list[str]:
     problems = []
     for width in (WIDTH, VOCAB):
@@ -144,8 +161,8 @@ def check_cross_entropy(dtype: torch.dtype, device: str) -> list[str]:
     return found
 
 
-CHECKS = {"attention": check_attention, "ffn_epilogues": check_ffn_epilogues, "layer_norm": check_layer_norm,
-          "cross_entropy": check_cross_entropy}
+CHECKS = {"attention": check_attention, "ffn_epilogues": check_ffn_epilogues, "ffn": check_ffn,
+          "layer_norm": check_layer_norm, "cross_entropy": check_cross_entropy}
 
 
 def report(name: str, problems: list[str]) -> None:

@@ -493,6 +493,12 @@ def test_sanitize_driver_runs_the_extension_ops_on_the_cpu(capsys):
     assert sanitize_ops.main(["--device", "cpu", "--ops", "softmax"]) == 2
 
 
+def test_sanitize_driver_runs_the_whole_ffn_op(capsys):
+    assert sanitize_ops.main(["--device", "cpu", "--ops", "ffn", "--dtypes", "fp32,bf16"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[:-1]] == ["ok", "ok"] and printed[-1].startswith("0 problem(s)")
+
+
 def test_sanitize_driver_flags_a_wrong_result():
     right = torch.tensor([1.0, 2.0, 3.0])
     assert sanitize_ops.compare("op", [("out", right, right)], torch.float32) == []
