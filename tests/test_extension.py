@@ -160,6 +160,44 @@ def test_ffn_under_bf16_autocast_keeps_bf16_hidden_and_fp32_residual():
     assert torch.allclose(out, expected, atol=5e-2), describe_mismatch(out, expected, "ffn under autocast")
 
 
+def _ffn_parameters():
+    torch.manual_seed(0)
+    x, residual = torch.randn(6, 32), torch.randn(6, 32)
+    return x, torch.randn(64, 32) * 0.2, torch.randn(64), torch.randn(32, 64) * 0.2, torch.randn(32), residual
+
+
+def test_ffn_under_autocast_gives_the_same_bits_with_and_without_autograd():
+    """Under inference_mode the autograd node (which casts to autocast's dtype) is skipped: the op itself casts,
+    so sampling from a model gives what its training forward gives, in the dtypes the fake function declares."""
+    args = _ffn_parameters()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            expected = torch.ops.engine.ffn_forward(*args, False)
+        with torch.inference_mode():
+            actual = torch.ops.engine.ffn_forward(*args, False)
+            with torch._subclasses.FakeTensorMode() as mode:
+                fake = torch.ops.engine.ffn_forward(*(mode.from_tensor(a) for a in args), False)
+    for name, a, e, f in zip(("out", "pre", "hidden"), actual, expected, fake):
+        assert a.dtype == e.dtype == f.dtype, f"{name}: {a.dtype}, {e.dtype} without inference_mode, fake {f.dtype}"
+        assert torch.equal(a, e), describe_mismatch(a, e, f"ffn {name} under inference_mode")
+
+
+def test_ffn_backward_called_under_autocast_gives_the_gradients_of_one_called_outside():
+    grads = []
+    for backward_under_autocast in (False, True):
+        leaves = [t.clone().requires_grad_() for t in _ffn_parameters()]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.ffn(*leaves, backend="cpp")
+            if backward_under_autocast:
+                out.square().sum().backward()
+        if not backward_under_autocast:
+            out.square().sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for name, outside, inside in zip(("x", "w1", "b1", "w2", "b2", "residual"), *grads):
+        assert inside.dtype == outside.dtype and torch.equal(inside, outside), \
+            describe_mismatch(inside, outside, f"grad {name} with backward under autocast")
+
+
 # ------------------------------------------------------------------------------ autocast
 # What the trainer runs by default: float32 parameters under torch.autocast, so the matmuls hand the ops
 # bf16 (or fp16) activations next to float32 biases and weights. The CPU and CUDA tensors go through the
