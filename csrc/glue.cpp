@@ -14,9 +14,9 @@
 // - bias_residual: bias and residual are cast to their promoted dtype with y (what `residual + y + bias`
 //   gives in PyTorch, float32 under autocast); the output has it. y is cast too, except on the CPU, whose
 //   kernel reads a bf16/fp16 y next to a float32 residual as it is.
-// - ffn_forward, ffn_backward: x, w1 and w2 share one dtype (their autograd node casts them to autocast's);
-//   pre, hidden and the gradients of x, w1, w2 have it; out as bias_residual gives it; the bias gradients
-//   are float32.
+// - ffn_forward, ffn_backward: x, w1 and w2 share one dtype; under autocast, its Autocast kernel casts them
+//   to autocast's dtype first, as autocast does for a matmul. pre, hidden and the gradients of x, w1, w2
+//   have it; out as bias_residual gives it; the bias gradients are float32.
 // - layer_norm_forward: weight and bias are cast to x's dtype; y has it. layer_norm_backward computes
 //   in x's dtype and returns grad_weight and grad_bias in weight's dtype.
 // - attention: q, k, v and out share one dtype (an error otherwise), grad_out is cast to it.
@@ -407,6 +407,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, 
   check_ffn_inputs(x, w1, w2, op);
   TORCH_CHECK(residual.sizes() == x.sizes(), op, ": residual must have x's shape ", shape_string(x.sizes()),
               ", got ", shape_string(residual.sizes()));
+  // The matmuls run in x's dtype: autocast's cast is the op's Autocast kernel (below), so the calls here go
+  // to their kernels, not to autocast, even where a caller bypasses that kernel.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   // Contiguous operands (no copy when they are): the matmuls then take the same path, and give the same
   // bits, whatever the inputs' strides.
   const at::Tensor pre = at::mm(rows_of(x.contiguous()), w1.contiguous().t());                     // (N, F)
@@ -452,6 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ffn_backw
     const at::Tensor& w2, const at::Tensor& pre, const at::Tensor& hidden, bool tanh_approx) {
   constexpr const char* op = "engine::ffn_backward";
   check_ffn_inputs(x, w1, w2, op);
+  // x, w1 and w2 come in the forward's compute dtype; a backward called under autocast does not recast them.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor rows = rows_of(x);
   const int64_t features = w1.size(0);
   check_float_like(grad_out, x.sizes(), op, "grad_out", x, "x");
@@ -629,10 +634,16 @@ at::Tensor bias_gradient(const at::Tensor& grad, at::ScalarType dtype) {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The multi-output functions set materialize_grads(false): autograd then passes their auxiliary outputs'
+// gradients (always absent: engine.ops never returns those outputs) as undefined tensors instead of zeros of
+// their shape, which for the FFN's pre and hidden would be two (N, 4C) fills per step. A backward reached
+// without the main output's gradient has nothing to pass on: one undefined gradient per forward argument.
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                bool causal, double scale) {
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the auxiliary outputs
     static const auto op = engine_op<decltype(attention_forward)>("engine::attention_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // the call below goes to the kernel, not back here
     auto [out, lse] = op.call(q, k, v, causal, scale);
@@ -644,6 +655,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(5);
     static const auto op = engine_op<decltype(attention_backward)>("engine::attention_backward");
     const auto saved = ctx->get_saved_variables();
     auto [grad_q, grad_k, grad_v] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
@@ -701,6 +713,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, double eps) {
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the auxiliary outputs
     static const auto op = engine_op<decltype(layer_norm_forward)>("engine::layer_norm_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = op.call(x, weight, bias, eps);
@@ -711,6 +724,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(4);
     static const auto op = engine_op<decltype(layer_norm_backward)>("engine::layer_norm_backward");
     const auto saved = ctx->get_saved_variables();
     auto [grad_x, grad_weight, grad_bias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3]);
@@ -722,6 +736,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& targets,
                                int64_t ignore_index) {
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the auxiliary outputs
     static const auto op = engine_op<decltype(cross_entropy_forward)>("engine::cross_entropy_forward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, lse] = op.call(logits, targets, ignore_index);
@@ -732,6 +747,7 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(3);
     static const auto op = engine_op<decltype(cross_entropy_backward)>("engine::cross_entropy_backward");
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["ignore_index"].toInt());
@@ -739,42 +755,29 @@ class CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFuncti
   }
 };
 
-// The dtype an op's matmuls run in: autocast's, where it is on for x's device (float64 stays float64), else x's.
-at::ScalarType compute_dtype(const at::Tensor& x) {
-  const auto device_type = x.device().type();
-  if (x.scalar_type() != at::kDouble && at::autocast::is_autocast_available(device_type) &&
-      at::autocast::is_autocast_enabled(device_type)) {
-    return at::autocast::get_autocast_dtype(device_type);
-  }
-  return x.scalar_type();
-}
-
-// The FFN as one node of the graph. Under autocast its matmuls run in autocast's dtype: x, w1 and w2 are cast
-// here, inside the node, so the graph holds no nodes for the casts, and their gradients come back in the
-// inputs' own dtypes, as they would through autocast's casts.
+// The FFN as one node of the graph: x, w1 and w2 come in one dtype (autocast's, cast by the Autocast kernel
+// below); each gradient goes back in its input's dtype.
 class FfnFunction : public torch::autograd::Function<FfnFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
                                const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                const std::optional<at::Tensor>& b2, const at::Tensor& residual, bool tanh_approx) {
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for the auxiliary outputs
     static const auto op = engine_op<decltype(ffn_forward)>("engine::ffn_forward");
-    const auto dtype = compute_dtype(x);
-    const at::Tensor x_ = x.to(dtype), w1_ = w1.to(dtype), w2_ = w2.to(dtype);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // cast already
-    auto [out, pre, hidden] = op.call(x_, w1_, b1, w2_, b2, residual, tanh_approx);
-    ctx->save_for_backward({x_, w1_, b1.value_or(at::Tensor()), w2_, pre, hidden});
+    auto [out, pre, hidden] = op.call(x, w1, b1, w2, b2, residual, tanh_approx);
+    ctx->save_for_backward({x, w1, b1.value_or(at::Tensor()), w2, pre, hidden});
     ctx->saved_data["tanh_approx"] = tanh_approx;
     const auto dtype_of = [](const std::optional<at::Tensor>& t) {
       return t.has_value() ? static_cast<int64_t>(t->scalar_type()) : int64_t{-1};
     };
-    ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_of(x), dtype_of(w1), dtype_of(b1), dtype_of(w2),
-                                                     dtype_of(b2), dtype_of(residual)};
+    ctx->saved_data["dtypes"] = std::vector<int64_t>{dtype_of(b1), dtype_of(b2), dtype_of(residual)};
     ctx->mark_non_differentiable({pre, hidden});
     return {out, pre, hidden};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);
     static const auto op = engine_op<decltype(ffn_backward)>("engine::ffn_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& b1 = saved[2];
@@ -782,15 +785,34 @@ class FfnFunction : public torch::autograd::Function<FfnFunction> {
     auto [grad_x, grad_w1, grad_b1, grad_w2, grad_b2] =
         op.call(grads[0], saved[0], saved[1], optional_b1, saved[3], saved[4], saved[5],
                 ctx->saved_data["tanh_approx"].toBool());
+    // The biases' and residual's gradients in their own dtypes (x, w1 and w2 have the op's); none for an
+    // absent bias.
     const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
-    // Each gradient in its input's dtype; none for an absent bias.
     const auto as_input = [&](const at::Tensor& grad, size_t input) {
       return dtypes[input] < 0 ? at::Tensor() : grad.to(static_cast<at::ScalarType>(dtypes[input]));
     };
-    return {as_input(grad_x, 0), as_input(grad_w1, 1), as_input(grad_b1, 2), as_input(grad_w2, 3),
-            as_input(grad_b2, 4), as_input(grads[0], 5), at::Tensor()};
+    return {grad_x, grad_w1, as_input(grad_b1, 0), grad_w2, as_input(grad_b2, 1), as_input(grads[0], 2),
+            at::Tensor()};
   }
 };
+
+// ------------------------------------------------------------------------------ autocast
+//
+// The FFN's matmuls run in autocast's dtype, as a matmul's do: its Autocast kernel casts x, w1 and w2 (float
+// tensors other than float64) and calls the op with autocast off. The other ops have no Autocast kernel: they
+// compute in the dtypes they are given (the model's activations, which autocast's matmuls made).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward_autocast(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, const at::Tensor& residual, bool tanh_approx) {
+  static const auto op = engine_op<decltype(ffn_forward)>("engine::ffn_forward");
+  const auto device_type = x.device().type();
+  const auto cast = [&](const at::Tensor& t) {
+    const bool eligible = t.is_floating_point() && t.scalar_type() != at::kDouble;  // as autocast's own casts
+    return eligible ? t.to(at::autocast::get_autocast_dtype(device_type)) : t;
+  };
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return op.call(cast(x), cast(w1), b1, cast(w2), b2, residual, tanh_approx);
+}
 
 void register_autograd(torch::Library& m) {
   m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
@@ -846,3 +868,5 @@ TORCH_LIBRARY_IMPL(engine, CUDA, m) { engine::register_kernels(m); }
 #endif
 
 TORCH_LIBRARY_IMPL(engine, Autograd, m) { engine::register_autograd(m); }
+TORCH_LIBRARY_IMPL(engine, AutocastCPU, m) { m.impl("ffn_forward", &engine::ffn_forward_autocast); }
+TORCH_LIBRARY_IMPL(engine, AutocastCUDA, m) { m.impl("ffn_forward", &engine::ffn_forward_autocast); }
