@@ -442,8 +442,10 @@ std::tuple<at::Tensor, at::Tensor> cast_and_column_sums(const at::Tensor& grad, 
 #ifdef ENGINE_WITH_CUDA
   if (grad.is_cuda()) return {grad.to(dtype), grad.sum(0, /*keepdim=*/false, at::kFloat)};
 #endif
-  const at::Tensor grad_ = grad.contiguous();
-  const bool same = grad.scalar_type() == dtype;
+  // The kernel keeps the dtype or rounds float32 to bf16/fp16 (the model's cases); others go through float32.
+  const bool direct = grad.scalar_type() == dtype || grad.scalar_type() == at::kFloat;
+  const at::Tensor grad_ = direct ? grad.contiguous() : grad.to(at::kFloat);
+  const bool same = grad_.scalar_type() == dtype;
   const at::Tensor cast = same ? grad_ : new_output(grad.sizes(), dtype, grad);
   at::Tensor sums = new_output({grad.size(1)}, at::kFloat, grad);
   cpu::cast_with_column_sums(grad_, same ? std::nullopt : std::optional<at::Tensor>(cast), sums);

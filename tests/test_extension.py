@@ -185,14 +185,14 @@ def test_ffn_under_autocast_gives_the_same_bits_with_and_without_autograd():
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_ffn_backward_takes_a_grad_out_of_any_float_dtype(dtype, grad_dtype):
-    """grad_out is cast to x's dtype: a low-precision grad_out next to float32 (or the other 16-bit type's)
-    operands gives what the same values in x's dtype give."""
+    """A bf16/fp16 grad_out next to float32 (or the other 16-bit type's) operands gives what its values in
+    float32 give (rounded to x's dtype for the matmuls, summed unrounded for the bias)."""
     x, w1, b1, w2, _, _ = (t.to(dtype) for t in _ffn_parameters())
     pre = x @ w1.t()
     hidden = torch.nn.functional.gelu(pre + b1)
     grad = torch.randn(6, 32).to(grad_dtype)
     actual = torch.ops.engine.ffn_backward(grad, x, w1, b1, w2, pre, hidden, False)
-    expected = torch.ops.engine.ffn_backward(grad.to(dtype), x, w1, b1, w2, pre, hidden, False)
+    expected = torch.ops.engine.ffn_backward(grad.float(), x, w1, b1, w2, pre, hidden, False)
     for name, a, e in zip(("x", "w1", "b1", "w2", "b2"), actual, expected):
         assert torch.equal(a, e), describe_mismatch(a, e, f"grad {name} from a {grad_dtype} grad_out")
 
