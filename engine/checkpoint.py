@@ -146,7 +146,7 @@ def load_checkpoint(location: str | Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"{path} is not a gpt-engine checkpoint")
     if state.get("version") not in (1, VERSION):
-        raise UsageError(f"checkpoint {path} has format version {state.get('version')}, expected {VERSION}")
+        raise UsageError(f"checkpoint {path} has format version {state.get('version')}, expected 1 or {VERSION}")
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise UsageError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")

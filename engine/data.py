@@ -266,7 +266,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 # ----------------------------------------------------------------------------- corpora
 
 # strip_play_markdown's patterns; each is tried only on lines that hold its first character, which is
-# what makes reading the 38 plays take 0.2 s instead of 0.8 s at every start.
+# what makes reading the 38 plays take 0.11 s instead of 0.42 s at every start.
 _SPEAKER = re.compile(r"\*\*(.+?)\*\*")
 _INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]]*\][_*]*")
 _DIRECTION_LINE = re.compile(r"_.*_")

@@ -104,6 +104,12 @@ def test_a_version_1_checkpoint_resumes_exactly(tmp_path, corpus):
     assert sorted(a) == sorted(b) and all(torch.equal(a[name], b[name]) for name in a)
 
 
+def test_a_checkpoint_of_an_unknown_version_names_the_versions_it_can_read(tmp_path):
+    save_checkpoint({"version": 99}, tmp_path / "checkpoint.pt")  # save_checkpoint adds the format
+    with pytest.raises(UsageError, match="has format version 99, expected 1 or 2"):
+        load_checkpoint(tmp_path)
+
+
 def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, corpus):
     run = tmp_path / "run"
     assert main([*common_args(corpus), "--max-steps", "4", "--out", str(run)]) == 0
