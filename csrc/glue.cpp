@@ -34,6 +34,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/autocast_mode.h>
+#include <c10/util/accumulate.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -397,7 +398,10 @@ void check_ffn_inputs(const at::Tensor& x, const at::Tensor& w1, const at::Tenso
 }
 
 // (..., C) -> (N, C), the rows the matmuls take (a view when it can be).
-at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+at::Tensor rows_of(const at::Tensor& t) {
+  const auto sizes = t.sizes();
+  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});  // C = 0 too
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, const at::Tensor& w1,
                                                            const std::optional<at::Tensor>& b1, const at::Tensor& w2,
@@ -418,7 +422,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward(const at::Tensor& x, 
   return {out.view(residual.sizes()), pre, hidden};
 }
 
-// grad * act'(pre + bias), and its column sums in float32 (the bias's gradient).
+// grad * act'(pre + bias), and its column sums in float32 (the bias's gradient). The CPU kernel sums the
+// float32 values before they are rounded to pre's dtype; on CUDA the sums are PyTorch's, of the rounded
+// grad_pre (in bf16 the two differ by the rounding, about 2^-9 of each term, well within the 2x rule).
 std::tuple<at::Tensor, at::Tensor> gelu_backward_and_column_sums(const at::Tensor& grad, const at::Tensor& pre,
                                                                  const std::optional<at::Tensor>& bias,
                                                                  bool tanh_approx, const char* op) {

@@ -150,6 +150,47 @@ def test_fp16_linear_cross_entropy_keeps_small_gradients_under_loss_scaling():
                                             atol=tolerance.ATOL[torch.float16])
 
 
+@pytest.mark.parametrize("rows, C", [(0, 8), (4, 0)])
+def test_ffn_of_empty_tensors_has_the_shapes_its_fake_declares(rows, C):
+    x, w1, w2 = torch.randn(2, rows, C, requires_grad=True), torch.randn(8, C), torch.randn(C, 8)
+    out, pre, hidden = torch.ops.engine.ffn_forward(x, w1, None, w2, None, x, False)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fakes = torch.ops.engine.ffn_forward(*(mode.from_tensor(t) for t in (x, w1)), None, mode.from_tensor(w2),
+                                             None, mode.from_tensor(x), False)
+    assert [t.shape for t in (out, pre, hidden)] == [t.shape for t in fakes] == [x.shape, (2 * rows, 8), (2 * rows, 8)]
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_column_sums_do_not_depend_on_the_number_of_threads():
+    """The LayerNorm weight/bias gradients and the FFN's output-bias gradient are summed in a fixed number of
+    row blocks (csrc/cpu/kernels.h), so a run gives the same bits on 1 thread as on several."""
+    torch.manual_seed(0)
+    rows, C, F = 1000, 48, 96
+    x, grad = torch.randn(rows, C), torch.randn(rows, C)
+    weight, bias = torch.randn(C), torch.randn(C)
+    _, mean, rstd = torch.ops.engine.layer_norm_forward(x, weight, bias, 1e-5)
+    w1, w2 = torch.randn(F, C) * 0.1, torch.randn(C, F) * 0.1
+    pre = x @ w1.t()
+    hidden = torch.nn.functional.gelu(pre)
+
+    def sums():
+        _, grad_weight, grad_bias = torch.ops.engine.layer_norm_backward(grad, x, weight, mean, rstd)
+        grad_b2 = torch.ops.engine.ffn_backward(grad, x, w1, None, w2, pre, hidden, False)[4]
+        return grad_weight, grad_bias, grad_b2
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sums()
+        torch.set_num_threads(max(2, threads))
+        several = sums()
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("layer_norm grad_weight", "layer_norm grad_bias", "ffn grad_b2"), one, several):
+        assert torch.equal(a, b), describe_mismatch(b, a, f"{name} on several threads against one")
+
+
 def test_ffn_under_bf16_autocast_keeps_bf16_hidden_and_fp32_residual():
     x, residual = torch.randn(6, 32), torch.randn(6, 32)
     w1, b1, w2, b2 = torch.randn(64, 32) * 0.2, torch.randn(64), torch.randn(32, 64) * 0.2, torch.randn(32)

@@ -182,23 +182,6 @@ at::Tensor bias_or_zeros(const std::optional<at::Tensor>& bias, int64_t cols) {
   return bias.has_value() ? bias->to(at::kFloat) : at::zeros({cols}, at::dtype(at::kFloat));
 }
 
-// Blocks of rows for column sums: a fixed count, each summing its rows into a partial of its own; the partials
-// are then added in block order, so the sums do not depend on the number of threads.
-constexpr int64_t kRowBlocks = 32;
-
-int64_t row_blocks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kRowBlocks)); }
-
-// column_sums (cols,) float32 = the sum of a (blocks, cols) float32 tensor of partials, in block order.
-void add_partials(const at::Tensor& partials, const at::Tensor& column_sums) {
-  const int64_t blocks = partials.size(0), cols = partials.size(1);
-  const float* partial = partials.data_ptr<float>();
-  float* sums = column_sums.data_ptr<float>();
-  std::fill(sums, sums + cols, 0.0f);
-  for (int64_t block = 0; block < blocks; ++block) {
-    for (int64_t c = 0; c < cols; ++c) sums[c] += partial[block * cols + c];
-  }
-}
-
 // grad == nullptr: out = gelu(pre + bias); else out = grad * gelu'(pre + bias), and its column sums into
 // column_sums when given.
 void gelu_op(const at::Tensor* grad, const at::Tensor& pre, const std::optional<at::Tensor>& bias,

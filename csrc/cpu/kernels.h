@@ -67,4 +67,23 @@ decltype(auto) with_element_type(at::ScalarType dtype, F&& f) {
   }
 }
 
+// Column sums over rows (the bias and LayerNorm weight gradients) are taken in row_blocks(rows) blocks of
+// rows, each summing into a float32 partial of its own; add_partials then adds the partials in block order.
+// The block count is fixed, so the sums do not depend on the number of threads.
+inline int64_t row_blocks(int64_t rows) {
+  constexpr int64_t kRowBlocks = 32;
+  return rows < 1 ? 1 : (rows < kRowBlocks ? rows : kRowBlocks);
+}
+
+// column_sums (cols,) float32 = the sum of partials (blocks, cols) float32, in block order.
+inline void add_partials(const at::Tensor& partials, const at::Tensor& column_sums) {
+  const int64_t blocks = partials.size(0), cols = partials.size(1);
+  const float* partial = partials.data_ptr<float>();
+  float* sums = column_sums.data_ptr<float>();
+  for (int64_t c = 0; c < cols; ++c) sums[c] = 0.0f;
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int64_t c = 0; c < cols; ++c) sums[c] += partial[block * cols + c];
+  }
+}
+
 }  // namespace engine::cpu

@@ -101,9 +101,6 @@ ENGINE_ALWAYS_INLINE void layer_norm_backward_rows(const LayerNormBackwardRows<T
 ENGINE_ISA_VARIANTS_PER_ELEMENT(run_layer_norm_forward, layer_norm_forward_rows, LayerNormForwardRows)
 ENGINE_ISA_VARIANTS_PER_ELEMENT(run_layer_norm_backward, layer_norm_backward_rows, LayerNormBackwardRows)
 
-// Blocks of rows for the weight/bias gradients: a fixed count, so the summation order is fixed.
-constexpr int64_t kRowBlocks = 32;
-
 }  // namespace
 
 void layer_norm_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -132,7 +129,7 @@ void layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at
   const int64_t rows = x.size(0), cols = x.size(1);
   const at::Tensor weight32 = weight.to(at::kFloat);
   const auto options = x.options().dtype(at::kFloat);
-  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kRowBlocks));
+  const int64_t blocks = row_blocks(rows);  // the weight and bias gradients' partial sums (kernels.h)
   at::Tensor partial_weight = at::empty({blocks, cols}, options);
   at::Tensor partial_bias = at::empty({blocks, cols}, options);
   with_element_type(x.scalar_type(), [&](auto element) {
@@ -151,8 +148,12 @@ void layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at
       }
     });
   });
-  grad_weight.copy_(partial_weight.sum(0));
-  grad_bias.copy_(partial_bias.sum(0));
+  // Summed in float32, then stored in the gradients' dtype.
+  for (const auto& [partials, grad] : {std::pair{&partial_weight, &grad_weight}, std::pair{&partial_bias, &grad_bias}}) {
+    const at::Tensor sums = at::empty({cols}, options);
+    add_partials(*partials, sums);
+    grad->copy_(sums);
+  }
 }
 
 }  // namespace engine::cpu

@@ -125,7 +125,7 @@ def _register_fakes() -> None:
 
     @register("engine::ffn_forward")
     def _(x, w1, b1, w2, b2, residual, tanh_approx):
-        rows, features = x.numel() // x.shape[-1], w1.shape[0]
+        rows, features = math.prod(x.shape[:-1]), w1.shape[0]
         dtype = torch.promote_types(x.dtype, residual.dtype)
         if b2 is not None:
             dtype = torch.promote_types(dtype, b2.dtype)
