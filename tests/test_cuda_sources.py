@@ -157,7 +157,7 @@ def test_one_torch_facing_glue_for_both_devices():
                          if "TORCH_LIBRARY_IMPL(" in path.read_text())
     assert registering == ["csrc/glue.cpp"], f"device kernels are registered in {registering}"
     blocks = re.findall(r"^TORCH_LIBRARY_IMPL\(engine, (\w+), m\)", GLUE.read_text(), flags=re.MULTILINE)
-    assert sorted(blocks) == ["Autograd", "CPU", "CUDA"], blocks
+    assert sorted(blocks) == ["AutocastCPU", "AutocastCUDA", "Autograd", "CPU", "CUDA"], blocks
     assert not list(CUDA_DIR.glob("*.cpp")), "CUDA-only torch glue is back in csrc/cuda/"
 
 
