@@ -9,8 +9,8 @@ through the ops. This module exposes the functions of the engine.ops API on top:
 - attention: attention_forward (saves lse) / attention_backward, flash-style, no T x T matrix.
 - ffn: ffn_forward / ffn_backward, one node of the graph: pre = x @ w1^T (PyTorch's matmul),
   hidden = bias_gelu(pre, b1), y = hidden @ w2^T, out = bias_residual(y, b2, residual); the backward takes
-  the bias gradients in the epilogues' passes. Under autocast the matmuls run in its dtype (the op casts x,
-  w1 and w2 itself, csrc/glue.cpp).
+  the bias gradients in the epilogues' passes. Under autocast the matmuls run in its dtype: the op's Autocast
+  kernel (csrc/glue.cpp) casts x, w1 and w2, as autocast does for a matmul.
 - layer_norm, cross_entropy: forward and backward kernels; linear_cross_entropy is the PyTorch
   matmul followed by cross_entropy (the logits are materialized).
 Dropout is not implemented: dropout_p > 0 raises ValueError (and `auto` picks another backend for
