@@ -208,8 +208,8 @@ def _ffn_parameters():
 
 
 def test_ffn_under_autocast_gives_the_same_bits_with_and_without_autograd():
-    """Under inference_mode the autograd node (which casts to autocast's dtype) is skipped: the op itself casts,
-    so sampling from a model gives what its training forward gives, in the dtypes the fake function declares."""
+    """Under inference_mode the op skips its autograd node but not its Autocast kernel, which casts to autocast's
+    dtype: sampling from a model gives what its training forward gives, in the dtypes the fake declares."""
     args = _ffn_parameters()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
@@ -223,30 +223,33 @@ def test_ffn_under_autocast_gives_the_same_bits_with_and_without_autograd():
         assert torch.equal(a, e), describe_mismatch(a, e, f"ffn {name} under inference_mode")
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_ffn_backward_takes_a_grad_out_of_any_float_dtype(dtype, grad_dtype):
-    """A bf16/fp16 grad_out next to float32 (or the other 16-bit type's) operands gives what its values in
-    float32 give (rounded to x's dtype for the matmuls, summed unrounded for the bias)."""
+def test_ffn_backward_takes_a_grad_out_of_any_float_dtype(dtype, grad_dtype, transposed):
+    """A bf16/fp16 grad_out next to float32 (or the other 16-bit type's) operands, contiguous or a transposed
+    view, gives what its values in float32 give (rounded to x's dtype for the matmuls, summed unrounded for
+    the bias)."""
     x, w1, b1, w2, _, _ = (t.to(dtype) for t in _ffn_parameters())
     pre = x @ w1.t()
     hidden = torch.nn.functional.gelu(pre + b1)
-    grad = torch.randn(6, 32).to(grad_dtype)
+    grad = (torch.randn(32, 6).t() if transposed else torch.randn(6, 32)).to(grad_dtype)
     actual = torch.ops.engine.ffn_backward(grad, x, w1, b1, w2, pre, hidden, False)
-    expected = torch.ops.engine.ffn_backward(grad.float(), x, w1, b1, w2, pre, hidden, False)
+    expected = torch.ops.engine.ffn_backward(grad.float().contiguous(), x, w1, b1, w2, pre, hidden, False)
     for name, a, e in zip(("x", "w1", "b1", "w2", "b2"), actual, expected):
         assert torch.equal(a, e), describe_mismatch(a, e, f"grad {name} from a {grad_dtype} grad_out")
 
 
-def test_ffn_backward_called_under_autocast_gives_the_gradients_of_one_called_outside():
+@pytest.mark.parametrize("forward_under_autocast", [True, False])
+def test_ffn_backward_called_under_autocast_gives_the_gradients_of_one_called_outside(forward_under_autocast):
+    """The backward computes in the dtypes its forward saved: autocast around backward() does not recast its
+    matmuls, a float32 forward's included."""
     grads = []
     for backward_under_autocast in (False, True):
         leaves = [t.clone().requires_grad_() for t in _ffn_parameters()]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_under_autocast):
             out = ops.ffn(*leaves, backend="cpp")
-            if backward_under_autocast:
-                out.square().sum().backward()
-        if not backward_under_autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_under_autocast):
             out.square().sum().backward()
         grads.append([leaf.grad for leaf in leaves])
     for name, outside, inside in zip(("x", "w1", "b1", "w2", "b2", "residual"), *grads):
