@@ -450,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> cast_and_column_sums(const at::Tensor& grad, 
 #endif
   // The kernel keeps the dtype or rounds float32 to bf16/fp16 (the model's cases); others go through float32.
   const bool direct = grad.scalar_type() == dtype || grad.scalar_type() == at::kFloat;
-  const at::Tensor grad_ = direct ? grad.contiguous() : grad.to(at::kFloat);
+  const at::Tensor grad_ = direct ? grad.contiguous() : grad.to(at::kFloat).contiguous();
   const bool same = grad_.scalar_type() == dtype;
   const at::Tensor cast = same ? grad_ : new_output(grad.sizes(), dtype, grad);
   at::Tensor sums = new_output({grad.size(1)}, at::kFloat, grad);
@@ -814,11 +814,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ffn_forward_autocast(
     const std::optional<at::Tensor>& b2, const at::Tensor& residual, bool tanh_approx) {
   static const auto op = engine_op<decltype(ffn_forward)>("engine::ffn_forward");
   const auto device_type = x.device().type();
-  const auto cast = [&](const at::Tensor& t) {
-    const bool eligible = t.is_floating_point() && t.scalar_type() != at::kDouble;  // as autocast's own casts
-    return eligible ? t.to(at::autocast::get_autocast_dtype(device_type)) : t;
-  };
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  // autocast's own cast: float tensors other than float64 on this device, weights cached for the region.
+  const auto cast = [&](const at::Tensor& t) {
+    return at::autocast::cached_cast(at::autocast::get_autocast_dtype(device_type), t, device_type);
+  };
   return op.call(cast(x), cast(w1), b1, cast(w2), b2, residual, tanh_approx);
 }
 
