@@ -42,7 +42,7 @@ def _user_set_malloc() -> bool:
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (see the module docstring).
 
-    Returns whether they were changed. Safe to call more than once.
+    Returns whether both were changed (False if glibc rejected either). Safe to call more than once.
     """
     if _user_set_malloc():
         return False

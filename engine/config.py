@@ -228,8 +228,9 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype auto: bf16 autocast (fp32 weights, optimizer state and loss) on a GPU that supports bf16 and on a
     CPU with native bf16 arithmetic, else fp32. On a 2-core AMD EPYC with AVX512-BF16 a training step then
-    takes about 0.46x (nanogpt-cpu preset), 0.54x (toy) and 0.38x (default) the time of fp32 (the ratios of
-    bench/results/2026-12-07-cpu/'s medians), at the same loss within the spread of seeds."""
+    takes about 0.46x (nanogpt-cpu preset), 0.54x (toy) and 0.38x (default) the time of fp32, at the same loss
+    within the spread of seeds. (bench/results/2026-12-07-cpu/: the engine-fp32/plain-fp32 tok/s ratio over
+    the engine-bf16/plain-fp32 one, each a median over alternated pairs, so the machine's drift cancels.)"""
     if name == "auto":
         if device.type == "cuda":
             bf16 = torch.cuda.is_bf16_supported()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.checkpoint import VERSION, load_checkpoint, save_checkpoint
 from engine.errors import UsageError
 from engine.train import main
 from engine.trainer import TrainConfig, learning_rate
@@ -106,7 +106,7 @@ def test_a_version_1_checkpoint_resumes_exactly(tmp_path, corpus):
 
 def test_a_checkpoint_of_an_unknown_version_names_the_versions_it_can_read(tmp_path):
     save_checkpoint({"version": 99}, tmp_path / "checkpoint.pt")  # save_checkpoint adds the format
-    with pytest.raises(UsageError, match="has format version 99, expected 1 or 2"):
+    with pytest.raises(UsageError, match=f"has format version 99, expected 1 or {VERSION}"):
         load_checkpoint(tmp_path)
 
 
