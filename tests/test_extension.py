@@ -150,6 +150,30 @@ def test_fp16_linear_cross_entropy_keeps_small_gradients_under_loss_scaling():
                                             atol=tolerance.ATOL[torch.float16])
 
 
+class _DropGradient(torch.autograd.Function):
+    """Returns `kept`; its backward passes no gradient (None) to `dropped`."""
+
+    @staticmethod
+    def forward(ctx, dropped, kept):
+        return kept.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def test_an_op_reached_without_a_gradient_passes_none_on():
+    """The C++ autograd functions do not materialize absent gradients as zeros (materialize_grads(false)): an
+    op whose output gets no gradient passes none to its inputs, and the FFN's backward allocates nothing."""
+    x, w1, b1, w2, b2, residual = (t.clone().requires_grad_() for t in _ffn_parameters())
+    out = ops.ffn(x, w1, b1, w2, b2, residual, backend="cpp")
+    normed = ops.layer_norm(x, torch.ones(32, requires_grad=True), None, backend="cpp")
+    kept = torch.randn(3, requires_grad=True)
+    _DropGradient.apply(out + normed, kept).sum().backward()
+    assert kept.grad is not None
+    assert all(t.grad is None for t in (x, w1, b1, w2, b2, residual))
+
+
 @pytest.mark.parametrize("rows, C", [(0, 8), (4, 0)])
 def test_ffn_of_empty_tensors_has_the_shapes_its_fake_declares(rows, C):
     x, w1, w2 = torch.randn(2, rows, C, requires_grad=True), torch.randn(8, C), torch.randn(C, 8)
