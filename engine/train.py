@@ -444,4 +444,4 @@ def entry_point(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(entry_point())
+    distributed.exit_process(entry_point())
