@@ -64,6 +64,7 @@ def test_two_ranks_match_one_process_with_twice_the_batch(tmp_path, corpus, sing
     result = train(*SMALL, "--data", corpus, "--batch-size", "1", "--grad-accum", "2", "--max-steps", "8",
                    "--out", run, ranks=2)
     assert "2 ranks (DDP)" in result.stdout
+    assert "Warning" not in result.stderr, result.stderr[-2000:]  # e.g. torch 2.13's on broadcast_buffers
     assert result.stdout.count("step 8/8") == 1  # only rank 0 logs
     assert_same_trajectory(losses(run), losses(single))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
