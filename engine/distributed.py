@@ -12,6 +12,7 @@ with batch N*b, and a checkpoint resumes under any world size.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -142,8 +143,12 @@ def wrap(model: nn.Module, context: Context, device: torch.device, fsdp: bool) -
     if not context.enabled:
         return objective
     device_ids = [device.index] if device.type == "cuda" else None
-    # broadcast_buffers=False: the only buffer (the sinusoidal table) is the same on every rank.
-    return nn.parallel.DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+    # No buffer sync before each forward: the only buffer (the sinusoidal table) is the same on every rank.
+    # torch 2.13 renamed the switch (and warns on the old name); older versions only know broadcast_buffers.
+    ddp = nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(objective, device_ids=device_ids, **no_buffer_sync)
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
