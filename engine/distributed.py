@@ -43,9 +43,14 @@ class Context:
         return self.world_size > 1
 
 
+def _world_size() -> int:
+    """The job's process count as torchrun sets it (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device_type: str) -> Context:
     """Join the torchrun job described by the environment (a no-op for a single process)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _world_size()
     if world_size <= 1:
         return Context()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -56,18 +61,13 @@ def setup(device_type: str) -> Context:
     return Context(rank=rank, local_rank=local_rank, world_size=world_size)
 
 
-_tore_down = False  # whether this process left a process group (see exit_process)
-
-
 def teardown(context: Context) -> None:
-    global _tore_down
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
-        _tore_down = True
 
 
 def exit_process(status: int) -> NoReturn:
-    """End the process with `status`; after a torchrun job, without the interpreter's own teardown.
+    """End the process with `status`; a rank of a torchrun job without the interpreter's own teardown.
 
     Why: DDP keeps a C++ reference to the gloo process group, so destroy_process_group() leaves its
     worker threads running. A worker that has just finished the job's last all_reduce drops the work
@@ -78,7 +78,7 @@ def exit_process(status: int) -> NoReturn:
     handlers, flushes its output and leaves with os._exit, which ends the threads without running
     anything on them. Everything the run writes (checkpoint, metrics, run files) is closed before this.
     """
-    if not _tore_down:
+    if _world_size() <= 1:
         sys.exit(status)
     atexit._run_exitfuncs()
     sys.stdout.flush()

@@ -157,9 +157,10 @@ def test_a_worker_ends_cleanly_right_after_its_last_all_reduce(tmp_path):
         assert f"rank {rank}: atexit handlers ran" in result.stdout
 
 
-def test_exit_process_outside_a_job_is_sys_exit():
+def test_exit_process_outside_a_job_is_sys_exit(monkeypatch):
     from engine import distributed
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as raised:
         distributed.exit_process(4)
     assert raised.value.code == 4

@@ -150,6 +150,12 @@ def test_fp16_linear_cross_entropy_keeps_small_gradients_under_loss_scaling():
                                             atol=tolerance.ATOL[torch.float16])
 
 
+def _ffn_parameters():
+    torch.manual_seed(0)
+    x, residual = torch.randn(6, 32), torch.randn(6, 32)
+    return x, torch.randn(64, 32) * 0.2, torch.randn(64), torch.randn(32, 64) * 0.2, torch.randn(32), residual
+
+
 class _DropGradient(torch.autograd.Function):
     """Returns `kept`; its backward passes no gradient (None) to `dropped`."""
 
@@ -223,12 +229,6 @@ def test_ffn_under_bf16_autocast_keeps_bf16_hidden_and_fp32_residual():
         expected = ops.ffn(x, w1, b1, w2, b2, residual, backend="reference")
     assert out.dtype == expected.dtype == torch.float32
     assert torch.allclose(out, expected, atol=5e-2), describe_mismatch(out, expected, "ffn under autocast")
-
-
-def _ffn_parameters():
-    torch.manual_seed(0)
-    x, residual = torch.randn(6, 32), torch.randn(6, 32)
-    return x, torch.randn(64, 32) * 0.2, torch.randn(64), torch.randn(32, 64) * 0.2, torch.randn(32), residual
 
 
 def test_ffn_under_autocast_gives_the_same_bits_with_and_without_autograd():

@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <optional>
 
 namespace engine::cpu {
@@ -72,7 +73,7 @@ decltype(auto) with_element_type(at::ScalarType dtype, F&& f) {
 // The block count is fixed, so the sums do not depend on the number of threads.
 inline int64_t row_blocks(int64_t rows) {
   constexpr int64_t kRowBlocks = 32;
-  return rows < 1 ? 1 : (rows < kRowBlocks ? rows : kRowBlocks);
+  return std::clamp<int64_t>(rows, 1, kRowBlocks);
 }
 
 // column_sums (cols,) float32 = the sum of partials (blocks, cols) float32, in block order.

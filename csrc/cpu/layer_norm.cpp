@@ -149,12 +149,13 @@ void layer_norm_backward(const at::Tensor& grad_y, const at::Tensor& x, const at
     });
   });
   // Summed in float32, then stored in the gradients' dtype.
-  for (const auto& [partials, grad] :
-       {std::pair{&partial_weight, &grad_weight}, std::pair{&partial_bias, &grad_bias}}) {
+  const auto store_sums = [&](const at::Tensor& partials, const at::Tensor& grad) {
     const at::Tensor sums = at::empty({cols}, options);
-    add_partials(*partials, sums);
-    grad->copy_(sums);
-  }
+    add_partials(partials, sums);
+    grad.copy_(sums);
+  };
+  store_sums(partial_weight, grad_weight);
+  store_sums(partial_bias, grad_bias);
 }
 
 }  // namespace engine::cpu
